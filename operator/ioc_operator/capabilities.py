@@ -1,0 +1,36 @@
+"""What each EPICS server implementation can answer, as measured on a broadcast-less lab.
+
+See docs/support-matrix.md. Everything the renderer decides about discovery
+(which NAME_SERVERS entries to publish, when a gateway is needed) reads from here.
+"""
+
+from __future__ import annotations
+
+from .models import CAImplementation, IOCSpec, NetworkMode, PVAImplementation
+
+# CA servers that answer a search sent over a TCP circuit (EPICS_CA_NAME_SERVERS).
+# caproto's circuit rejects libca's TCP search frame. pcas is treated as UDP-only until
+# the lab shows otherwise (tests/lab pins whichever way it goes).
+CA_TCP_SEARCH = {CAImplementation.RSRV: True, CAImplementation.CAPROTO: False,
+                 CAImplementation.PCAS: False}
+
+# PVA servers that answer a search on a TCP connection (EPICS_PVA_NAME_SERVERS):
+# PVXS does; classic pvAccessCPP replies over UDP to port 0.
+PVA_TCP_SEARCH = {PVAImplementation.PVXS: True, PVAImplementation.CLASSIC: False}
+
+
+def ca_name_server(spec: IOCSpec) -> bool:
+    """Whether clients may list this IOC in EPICS_CA_NAME_SERVERS."""
+    return spec.servers.ca.enabled and CA_TCP_SEARCH[spec.servers.ca.implementation]
+
+
+def pva_name_server(spec: IOCSpec) -> bool:
+    """Whether clients may list this IOC in EPICS_PVA_NAME_SERVERS.
+
+    In sidecar mode pvagw (a PVXS server) answers in front of whatever the IOC runs.
+    """
+    if not spec.servers.pva.enabled:
+        return False
+    if spec.network.mode == NetworkMode.SIDECAR:
+        return True
+    return PVA_TCP_SEARCH[spec.servers.pva.implementation]

@@ -1,0 +1,143 @@
+"""The `ioc-operator` command: run the operator, render IOCs offline, print the CRD."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import GROUP, KIND
+from .config import OperatorConfig
+from .crd import crd_yaml
+from .errors import IOCValidationError
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the gateway config) as literal blocks, like kubectl."""
+
+
+def _str(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
+    style = "|" if "\n" in data else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def dump_all(objects: Sequence[dict[str, Any]]) -> str:
+    return yaml.dump_all(objects, Dumper=_Dumper, sort_keys=False, width=100)
+
+
+def read_iocs(paths: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """IOC documents from files ('-' is stdin); other kinds are ignored."""
+    for name in paths:
+        text = sys.stdin.read() if name == "-" else Path(name).read_text()
+        try:
+            docs = list(yaml.safe_load_all(text))
+        except yaml.YAMLError as exc:
+            raise IOCValidationError(name, f"not valid YAML: {exc}") from None
+        for doc in docs:
+            if not isinstance(doc, dict):
+                continue
+            if doc.get("kind") == KIND and str(doc.get("apiVersion", "")).startswith(GROUP):
+                yield name, doc
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from .render import parse_ioc, render
+
+    config = OperatorConfig.from_env()
+    objects: list[dict[str, Any]] = []
+    count = 0
+    for source, doc in read_iocs(args.filename):
+        doc.setdefault("metadata", {}).setdefault("namespace", args.namespace)
+        try:
+            ioc = parse_ioc(doc)
+        except IOCValidationError as exc:
+            name = doc.get("metadata", {}).get("name", "?")
+            raise IOCValidationError(exc.field, f"{exc} (IOC {name} in {source})") from None
+        objects += render(ioc, config)
+        count += 1
+    if count == 0:
+        print(f"error: no {KIND} ({GROUP}) documents in {', '.join(args.filename)}",
+              file=sys.stderr)
+        return 2
+    sys.stdout.write(dump_all(objects))
+    return 0
+
+
+def cmd_crd(_: argparse.Namespace) -> int:
+    sys.stdout.write(crd_yaml())
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import kopf
+
+    from . import handlers  # noqa: F401  (registers the handlers)
+
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    kopf.run(
+        standalone=True,  # one replica with a Recreate strategy: no peering needed
+        clusterwide=not args.namespace,
+        namespaces=args.namespace or (),
+        liveness_endpoint=args.liveness,
+    )
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ioc-operator",
+        description="Kubernetes operator for EPICS IOCs (CA and PVA without broadcast).",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the operator against the current cluster")
+    run.add_argument("-n", "--namespace", action="append",
+                     help="watch this namespace (repeatable; default: all namespaces)")
+    run.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster or $KUBECONFIG)")
+    run.add_argument("--liveness", metavar="URL",
+                     help="serve a liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    run.set_defaults(func=cmd_run)
+
+    render = sub.add_parser("render", help="print the objects the operator would create")
+    render.add_argument("-f", "--filename", action="append", required=True,
+                        help="IOC manifest file, '-' for stdin (repeatable)")
+    render.add_argument("-n", "--namespace", default="default",
+                        help="namespace for IOCs that name none (default: default)")
+    render.set_defaults(func=cmd_render)
+
+    crd = sub.add_parser("crd", help="print the IOC CustomResourceDefinition")
+    crd.set_defaults(func=cmd_crd)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except IOCValidationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Operator-wide settings: defaults the renderer fills in where an IOC says nothing."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FIELD_MANAGER = "ioc-operator"
+DEFAULT_GATEWAY_IMAGE = "ghcr.io/epics-operator/ioc-gateway:0.1.0"
+
+
+class OperatorConfig(BaseModel):
+    """Settings read from the environment (IOC_OPERATOR_*), so the Helm chart sets them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    gateway_image: str = Field(default=DEFAULT_GATEWAY_IMAGE)
+    directory_name: str = Field(default="epics-client-env")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> OperatorConfig:
+        env = os.environ if environ is None else environ
+        values: dict[str, str] = {}
+        for name in cls.model_fields:
+            key = f"IOC_OPERATOR_{name.upper()}"
+            if env.get(key):
+                values[name] = env[key]
+        return cls(**values)

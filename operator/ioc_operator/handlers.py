@@ -1,0 +1,99 @@
+"""kopf handlers: thin shells that call reconcile and report what it says."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from collections import defaultdict
+from typing import Any
+
+import kopf
+
+from . import GROUP, PLURAL, VERSION
+from .config import OperatorConfig
+from .kube import Kube, KubeError, load_client
+from .reconcile import event_type, reconcile
+from .render.names import MANAGED_BY
+
+MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
+RETRY_DELAY = 5.0
+
+# One reconcile at a time per IOC: its own handlers and the watches on its children
+# run on different kopf workers.
+_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.posting.level = 20  # INFO: Normal events reach `kubectl describe`
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix="epics-operator.io"
+    )
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="epics-operator.io", key="last-handled-configuration"
+    )
+    settings.watching.server_timeout = 300
+    memo.config = OperatorConfig.from_env()
+    memo.kube = Kube(load_client())
+
+
+def _run(body: dict[str, Any], memo: kopf.Memo) -> dict[str, Any]:
+    """Reconcile, post events for condition changes, return the status to write."""
+    uid = body["metadata"]["uid"]
+    with _locks[uid]:
+        try:
+            outcome = reconcile(memo.kube, body, memo.config, _now())
+        except KubeError as exc:
+            raise kopf.TemporaryError(f"API error, retrying: {exc}", delay=RETRY_DELAY) from exc
+    for cond in outcome.events:
+        kopf.event(body, type=event_type(cond), reason=cond.reason, message=cond.message)
+    return outcome.status
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+def ioc_changed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    patch.status.update(_run(dict(body), memo))
+
+
+def _differs(new: dict[str, Any], old: dict[str, Any]) -> bool:
+    """A null in a merge patch deletes; compare what the status would become."""
+    return any(old.get(k) != v for k, v in new.items())
+
+
+def _owner_ioc(body: kopf.Body) -> str | None:
+    for ref in body.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == "IOC" and ref.get("apiVersion", "").startswith(GROUP):
+            return ref.get("name")
+    return None
+
+
+def _child_event(body: kopf.Body, memo: kopf.Memo, logger: Any) -> None:
+    """An owned object changed or vanished: reconcile its IOC (recreates, reverts drift,
+    refreshes readiness). Server-side apply of unchanged objects writes nothing."""
+    name = _owner_ioc(body)
+    namespace = body.get("metadata", {}).get("namespace")
+    if not name:
+        return
+    ioc = memo.kube.get(f"{GROUP}/{VERSION}", "IOC", namespace, name)
+    if ioc is None or ioc["metadata"].get("deletionTimestamp"):
+        return  # the garbage collector is removing it
+    try:
+        status = _run(ioc, memo)
+    except kopf.TemporaryError as exc:
+        logger.warning("reconcile of IOC %s/%s deferred: %s", namespace, name, exc)
+        return
+    if _differs(status, ioc.get("status") or {}):
+        memo.kube.patch_status(f"{GROUP}/{VERSION}", "IOC", namespace, name, status)
+
+
+@kopf.on.event("apps", "v1", "statefulsets", labels=MANAGED)
+@kopf.on.event("", "v1", "services", labels=MANAGED)
+@kopf.on.event("", "v1", "configmaps", labels=MANAGED)
+def owned_object_event(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+    _child_event(body, memo, logger)

@@ -1,0 +1,160 @@
+"""One reconcile of one IOC: render, dry-run, apply, prune, observe, compute status.
+
+Kept apart from kopf so it reads top to bottom and can be called from the IOC's own
+handlers and from the watches on the objects it owns.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import clientenv
+from .conditions import Cond, merge_conditions, transitions
+from .config import OperatorConfig
+from .errors import IOCValidationError
+from .kube import Kube, KubeError
+from .models import IOC, NetworkMode
+from .render import names, parse_ioc, render, resolve_ports
+
+log = logging.getLogger(__name__)
+
+# Kinds the operator may delete again when an IOC no longer renders them (PVCs: never).
+PRUNABLE = (("v1", "Service"), ("v1", "ConfigMap"))
+FAILURE_REASONS = {"InvalidSpec", "Rejected"}
+
+
+@dataclass
+class Outcome:
+    """What a reconcile wants written: the status, and events for what changed."""
+
+    status: dict[str, Any]
+    events: list[Cond] = field(default_factory=list)
+
+
+@dataclass
+class Observed:
+    address: str | None = None
+    node: str | None = None
+    ready: bool = False
+
+
+def reconcile(kube: Kube, body: dict[str, Any], config: OperatorConfig, now: str) -> Outcome:
+    """Bring the objects of one IOC in line with its spec. Raises KubeError only for
+    passing faults (the caller retries); a user's mistake becomes a condition."""
+    meta = body.get("metadata", {})
+    generation = meta.get("generation")
+    try:
+        ioc = parse_ioc(body)
+        objects = render(ioc, config)
+    except IOCValidationError as exc:
+        return _refused(body, "InvalidSpec", str(exc), generation, now)
+
+    # Dry-run everything first, so an object the API server refuses (a bad affinity, an
+    # immutable field) leaves every object as it was: nothing half-applied.
+    for obj in objects:
+        try:
+            kube.apply(obj, dry_run=True)
+        except KubeError as exc:
+            if not exc.invalid:
+                raise
+            where = f"{obj['kind']} {obj['metadata']['name']}"
+            return _refused(body, "Rejected", f"{where}: {exc.message}", generation, now)
+
+    applied = [kube.apply(obj) for obj in objects]
+    _prune(kube, ioc, objects)
+    observed = _observe(kube, ioc, applied)
+    return _outcome(body, ioc, observed, generation, now)
+
+
+def _refused(body: dict[str, Any], reason: str, message: str, generation: int | None,
+             now: str) -> Outcome:
+    """Keep what runs; say why the new spec was not applied."""
+    current = (body.get("status") or {}).get("conditions") or []
+    conds = [
+        Cond("Reconciled", False, reason, message),
+        Cond("Ready", False, reason, f"{message} (the last applied configuration keeps running)"),
+    ]
+    status = dict(body.get("status") or {})
+    status["conditions"] = merge_conditions(current, conds, generation, now)
+    return Outcome(status=status, events=transitions(current, conds))
+
+
+def _prune(kube: Kube, ioc: IOC, keep: list[dict[str, Any]]) -> None:
+    """Delete objects this IOC rendered before but no longer does (e.g. its Service
+    after a switch to host mode). Only objects whose controller is this IOC."""
+    wanted = {(o["kind"], o["metadata"]["name"]) for o in keep}
+    selector = f"{names.IOC_LABEL}={ioc.metadata.name}"
+    for api_version, kind in PRUNABLE:
+        for item in kube.list(api_version, kind, ioc.metadata.namespace, selector):
+            item_meta = item["metadata"]
+            owners = item_meta.get("ownerReferences") or []
+            ours = any(o.get("uid") == ioc.metadata.uid and o.get("controller") for o in owners)
+            if ours and (kind, item_meta["name"]) not in wanted:
+                log.info("pruning %s %s", kind, item_meta["name"])
+                kube.delete(api_version, kind, ioc.metadata.namespace, item_meta["name"],
+                            uid=item_meta.get("uid"))
+
+
+def _node_address(kube: Kube, node_name: str) -> str | None:
+    node = kube.get("v1", "Node", None, node_name)
+    for addr in (node or {}).get("status", {}).get("addresses", []):
+        if addr.get("type") == "InternalIP":
+            return addr.get("address")
+    return None
+
+
+def _observe(kube: Kube, ioc: IOC, applied: list[dict[str, Any]]) -> Observed:
+    by_kind = {o["kind"]: o for o in applied}
+    sts_status = by_kind["StatefulSet"].get("status") or {}
+    observed = Observed(ready=(sts_status.get("readyReplicas") or 0) >= 1)
+    pods = kube.list("v1", "Pod", ioc.metadata.namespace,
+                     f"{names.IOC_LABEL}={ioc.metadata.name}")
+    pod = pods[0] if pods else None
+    if pod:
+        observed.node = pod.get("spec", {}).get("nodeName")
+    if ioc.spec.network.mode == NetworkMode.HOST:
+        host_ip = (pod or {}).get("status", {}).get("hostIP")
+        node_name = observed.node or ioc.spec.scheduling.node_name
+        observed.address = host_ip or (_node_address(kube, node_name) if node_name else None)
+        observed.node = node_name
+    else:
+        cluster_ip = by_kind["Service"].get("spec", {}).get("clusterIP")
+        observed.address = cluster_ip if cluster_ip and cluster_ip != "None" else None
+    return observed
+
+
+def _outcome(body: dict[str, Any], ioc: IOC, observed: Observed, generation: int | None,
+             now: str) -> Outcome:
+    spec = ioc.spec
+    ports = resolve_ports(spec)
+    current = (body.get("status") or {}).get("conditions") or []
+    status: dict[str, Any] = {
+        "observedGeneration": generation,
+        "mode": spec.network.mode.value,
+        "node": observed.node,
+        "ports": ports.as_dict(),
+        "endpoints": None,
+        "clientEnv": None,
+    }
+    if observed.address:
+        status["endpoints"] = clientenv.endpoints(spec, observed.address, ports)
+        status["clientEnv"] = clientenv.for_ioc(spec, observed.address, ports).env()
+
+    if spec.suspend:
+        ready = Cond("Ready", False, "Suspended", "spec.suspend is true: the IOC is stopped")
+    elif not observed.address:
+        what = "a node" if spec.network.mode == NetworkMode.HOST else "a ClusterIP"
+        ready = Cond("Ready", False, "WaitingForAddress", f"waiting for {what}")
+    elif not observed.ready:
+        ready = Cond("Ready", False, "PodNotReady", "waiting for the IOC pod to be ready")
+    else:
+        ready = Cond("Ready", True, "Running", "the IOC is running")
+    conds = [Cond("Reconciled", True, "Applied", f"generation {generation} applied"), ready]
+    status["conditions"] = merge_conditions(current, conds, generation, now)
+    return Outcome(status=status, events=transitions(current, conds))
+
+
+def event_type(cond: Cond) -> str:
+    return "Warning" if cond.reason in FAILURE_REASONS else "Normal"

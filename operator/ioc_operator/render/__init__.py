@@ -1,0 +1,86 @@
+"""The pure renderer: an IOC in, Kubernetes objects out. No API calls, no sockets, no clock.
+
+Everything the operator creates for an IOC comes from `render`; everything clients
+are told comes from `clientenv`. Both are deterministic functions of their inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from .. import capabilities
+from ..config import OperatorConfig
+from ..errors import IOCValidationError
+from ..models import IOC, NetworkMode
+from . import pvagw
+from .ports import ResolvedPorts, resolve_ports
+from .service import service
+from .storage import autosave_claim
+from .workload import stateful_set
+
+__all__ = ["ResolvedPorts", "parse_ioc", "render", "resolve_ports"]
+
+
+def parse_ioc(body: dict[str, Any]) -> IOC:
+    """Validate an IOC manifest (a dict as read from YAML or the API)."""
+    meta = body.get("metadata") or {}
+    try:
+        ioc = IOC.model_validate({"metadata": meta, "spec": body.get("spec") or {}})
+    except ValidationError as exc:
+        raise IOCValidationError.from_pydantic(exc) from None
+    check_semantics(ioc)
+    return ioc
+
+
+def check_semantics(ioc: IOC) -> None:
+    """Rules the schema cannot express (they depend on server capabilities)."""
+    spec = ioc.spec
+    if spec.network.require_name_servers:
+        if spec.servers.ca.enabled and not capabilities.ca_name_server(spec):
+            raise IOCValidationError(
+                "spec.network.requireNameServers",
+                f"a {spec.servers.ca.implementation.value} CA server does not answer "
+                "name-server (TCP) searches; only rsrv does",
+            )
+        if spec.servers.pva.enabled and not capabilities.pva_name_server(spec):
+            raise IOCValidationError(
+                "spec.network.requireNameServers",
+                "a classic PVA server does not answer name-server (TCP) searches: use "
+                "network.mode: sidecar, whose pvagw answers them",
+            )
+    if spec.network.mode == NetworkMode.SIDECAR:
+        gw = spec.pva_gateway
+        ports = resolve_ports(spec)
+        internal = {gw.internal_server_port, gw.internal_broadcast_port}
+        if len(internal) != 2:
+            raise IOCValidationError(
+                "spec.gateways.pva.internalBroadcastPort",
+                "must differ from internalServerPort",
+            )
+        if spec.servers.ca.enabled and ports.ca in internal:
+            raise IOCValidationError(
+                "spec.network.ports.ca", "collides with the gateway's internal PVA ports"
+            )
+
+
+def render(
+    ioc: IOC, config: OperatorConfig | None = None, allocated: ResolvedPorts | None = None
+) -> list[dict[str, Any]]:
+    """All objects for one IOC, in apply order (config before the pods that read it)."""
+    config = config or OperatorConfig()
+    check_semantics(ioc)
+    ports = resolve_ports(ioc.spec, allocated)
+    objects: list[dict[str, Any]] = []
+    config_hash = None
+    if ioc.spec.network.mode == NetworkMode.SIDECAR:
+        cm = pvagw.config_map(ioc, ports)
+        config_hash = pvagw.config_hash(cm["data"][pvagw.CONFIG_KEY])
+        objects.append(cm)
+    if ioc.spec.autosave.enabled:
+        objects.append(autosave_claim(ioc))
+    if ioc.spec.network.mode != NetworkMode.HOST:
+        objects.append(service(ioc, ports))
+    objects.append(stateful_set(ioc, ports, config, config_hash))
+    return objects

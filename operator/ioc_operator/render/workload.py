@@ -1,0 +1,182 @@
+"""The IOC's singleton workload: a StatefulSet of one replica.
+
+A StatefulSet never runs two pods of one identity at once (a rolling update deletes
+the old pod before creating the new one), which is what an IOC needs: two copies
+would serve the same PVs, and in host mode would fight for the same ports.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import OperatorConfig
+from ..models import IOC, CAImplementation, NetworkMode
+from . import names, pvagw
+from .ports import ResolvedPorts
+
+
+def server_env(ioc: IOC, ports: ResolvedPorts) -> list[dict[str, Any]]:
+    """EPICS server variables that put the IOC on the ports clients are told about."""
+    spec = ioc.spec
+    env: list[dict[str, Any]] = []
+    if spec.servers.ca.enabled:
+        env.append({"name": "EPICS_CAS_SERVER_PORT", "value": str(ports.ca)})
+        if spec.servers.ca.implementation == CAImplementation.CAPROTO:
+            # caproto reads only EPICS_CA_SERVER_PORT. rsrv and pcas read the CAS name,
+            # and EPICS_CA_SERVER_PORT would also move their own CA client's searches.
+            env.append({"name": "EPICS_CA_SERVER_PORT", "value": str(ports.ca)})
+    if spec.servers.pva.enabled:
+        if spec.network.mode == NetworkMode.SIDECAR:
+            gw = spec.pva_gateway
+            env += [
+                {"name": "EPICS_PVAS_INTF_ADDR_LIST", "value": "127.0.0.1"},
+                {"name": "EPICS_PVAS_SERVER_PORT", "value": str(gw.internal_server_port)},
+                {"name": "EPICS_PVAS_BROADCAST_PORT", "value": str(gw.internal_broadcast_port)},
+            ]
+        else:
+            env += [
+                {"name": "EPICS_PVAS_SERVER_PORT", "value": str(ports.pva_server)},
+                {"name": "EPICS_PVAS_BROADCAST_PORT", "value": str(ports.pva_broadcast)},
+            ]
+    return env
+
+
+def container_ports(ioc: IOC, ports: ResolvedPorts) -> list[dict[str, Any]]:
+    """Declared ports. In host mode hostPort == containerPort, which also makes the
+    scheduler refuse to put two IOCs that need the same port on one node."""
+    spec = ioc.spec
+    out: list[dict[str, Any]] = []
+    if spec.servers.ca.enabled:
+        out += [
+            {"name": "ca-tcp", "containerPort": ports.ca, "protocol": "TCP"},
+            {"name": "ca-udp", "containerPort": ports.ca, "protocol": "UDP"},
+        ]
+    if spec.servers.pva.enabled and spec.network.mode != NetworkMode.SIDECAR:
+        out += [
+            {"name": "pva-tcp", "containerPort": ports.pva_server, "protocol": "TCP"},
+            {"name": "pva-udp", "containerPort": ports.pva_broadcast, "protocol": "UDP"},
+        ]
+    if spec.network.mode == NetworkMode.HOST:
+        for port in out:
+            port["hostPort"] = port["containerPort"]
+    return out
+
+
+def readiness_probe(ioc: IOC, ports: ResolvedPorts) -> dict[str, Any] | None:
+    """Ready once the server listens where clients are told to go. rsrv and pvxs move
+    to a random TCP port when theirs is taken; this catches that."""
+    spec = ioc.spec
+    if spec.servers.ca.enabled:
+        port = ports.ca
+    elif spec.network.mode != NetworkMode.SIDECAR:
+        port = ports.pva_server
+    else:
+        return None  # the IOC's PVA server is on loopback; the pvagw probe covers it
+    return {"tcpSocket": {"port": port}, "periodSeconds": 10, "failureThreshold": 3}
+
+
+def ioc_container(ioc: IOC, ports: ResolvedPorts, config: OperatorConfig) -> dict[str, Any]:
+    spec = ioc.spec
+    env = server_env(ioc, ports) + [e.model_dump(by_alias=True, exclude_none=True)
+                                    for e in spec.env]
+    container: dict[str, Any] = {"name": "ioc", "image": spec.image}
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    if spec.command:
+        container["command"] = list(spec.command)
+    if spec.args:
+        container["args"] = list(spec.args)
+    if spec.working_dir:
+        container["workingDir"] = spec.working_dir
+    container["env"] = env
+    if spec.inject_client_env:
+        # optional: the directory appears once the first IOC of the namespace is seen.
+        container["envFrom"] = [
+            {"configMapRef": {"name": config.directory_name, "optional": True}}
+        ]
+    container["ports"] = container_ports(ioc, ports)
+    resources = spec.resources.model_dump(exclude_defaults=True)
+    if resources:
+        container["resources"] = resources
+    probe = readiness_probe(ioc, ports)
+    if probe:
+        container["readinessProbe"] = probe
+    mounts = [dict(m) for m in spec.volume_mounts]
+    if spec.autosave.enabled:
+        mounts.append({"name": "autosave", "mountPath": spec.autosave.mount_path})
+    if mounts:
+        container["volumeMounts"] = mounts
+    if spec.console:
+        container["stdin"] = True
+        container["tty"] = True
+    return container
+
+
+def pod_spec(ioc: IOC, ports: ResolvedPorts, config: OperatorConfig) -> dict[str, Any]:
+    spec = ioc.spec
+    sched = spec.scheduling
+    host = spec.network.mode == NetworkMode.HOST
+    pod: dict[str, Any] = {
+        "containers": [ioc_container(ioc, ports, config)],
+        # Service links would put every Service of the namespace into every IOC's env.
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 10,
+    }
+    if host:
+        pod["hostNetwork"] = True
+        pod["dnsPolicy"] = "ClusterFirstWithHostNet"
+    volumes = [dict(v) for v in spec.volumes]
+    if spec.autosave.enabled:
+        volumes.append(
+            {
+                "name": "autosave",
+                "persistentVolumeClaim": {"claimName": names.autosave_claim_name(ioc)},
+            }
+        )
+    if spec.network.mode == NetworkMode.SIDECAR:
+        pod["containers"].append(pvagw.container(ioc, ports, config))
+        volumes += pvagw.volumes(ioc)
+    if volumes:
+        pod["volumes"] = volumes
+    if sched.node_name:
+        pod["nodeName"] = sched.node_name
+    if sched.node_selector:
+        pod["nodeSelector"] = dict(sched.node_selector)
+    if sched.affinity:
+        pod["affinity"] = dict(sched.affinity)
+    if sched.tolerations:
+        pod["tolerations"] = [dict(t) for t in sched.tolerations]
+    if sched.priority_class_name:
+        pod["priorityClassName"] = sched.priority_class_name
+    if spec.service_account_name:
+        pod["serviceAccountName"] = spec.service_account_name
+    if spec.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": s} for s in spec.image_pull_secrets]
+    return pod
+
+
+def stateful_set(
+    ioc: IOC, ports: ResolvedPorts, config: OperatorConfig, config_hash: str | None
+) -> dict[str, Any]:
+    spec = ioc.spec
+    template_labels = {**spec.pod_labels, **names.labels(ioc, "ioc")}
+    annotations = dict(spec.pod_annotations)
+    if config_hash:
+        # A changed gateway config must restart the pod: the hash rolls the template.
+        annotations[names.CONFIG_HASH_ANNOTATION] = config_hash
+    template_meta: dict[str, Any] = {"labels": template_labels}
+    if annotations:
+        template_meta["annotations"] = annotations
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": names.metadata(ioc, names.workload_name(ioc), "ioc"),
+        "spec": {
+            "replicas": 0 if spec.suspend else 1,
+            "serviceName": names.service_name(ioc),
+            "podManagementPolicy": "OrderedReady",
+            "updateStrategy": {"type": "RollingUpdate"},
+            "selector": {"matchLabels": names.selector(ioc)},
+            "template": {"metadata": template_meta, "spec": pod_spec(ioc, ports, config)},
+        },
+    }

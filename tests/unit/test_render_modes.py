@@ -1,0 +1,167 @@
+"""The rendered objects per network mode: pod spec, ports, Service, gateway."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import by_kind, env_of, make_ioc
+
+from ioc_operator.render import render
+from ioc_operator.render.names import CONFIG_HASH_ANNOTATION
+
+
+def pod_spec(objects):
+    return by_kind(objects)["StatefulSet"]["spec"]["template"]["spec"]
+
+
+def test_host_mode_uses_node_network_and_own_ports():
+    ioc = make_ioc(network={"mode": "host", "ports": {"ca": 5070, "pvaServer": 5081,
+                                                      "pvaBroadcast": 5082}})
+    objects = render(ioc)
+    assert [o["kind"] for o in objects] == ["StatefulSet"]  # no Service in host mode
+    pod = pod_spec(objects)
+    assert pod["hostNetwork"] is True
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    ioc_c = pod["containers"][0]
+    env = env_of(ioc_c)
+    assert env["EPICS_CAS_SERVER_PORT"] == "5070"
+    assert "EPICS_CA_SERVER_PORT" not in env  # would move rsrv's own client searches
+    assert env["EPICS_PVAS_SERVER_PORT"] == "5081"
+    assert env["EPICS_PVAS_BROADCAST_PORT"] == "5082"
+    host_ports = {(p["containerPort"], p["protocol"], p["hostPort"]) for p in ioc_c["ports"]}
+    assert host_ports == {(5070, "TCP", 5070), (5070, "UDP", 5070),
+                          (5081, "TCP", 5081), (5082, "UDP", 5082)}
+
+
+def test_host_mode_defaults_and_caproto_port_variable():
+    ioc = make_ioc(network={"mode": "host"}, servers={"ca": {"implementation": "caproto"},
+                                                      "pva": {"enabled": False}})
+    env = env_of(pod_spec(render(ioc))["containers"][0])
+    assert env == {"EPICS_CAS_SERVER_PORT": "5064", "EPICS_CA_SERVER_PORT": "5064"}
+
+
+def test_pod_mode_service_fronts_standard_ports():
+    objects = render(make_ioc(network={"mode": "pod"}))
+    kinds = by_kind(objects)
+    assert list(kinds) == ["Service", "StatefulSet"]
+    pod = pod_spec(objects)
+    assert "hostNetwork" not in pod
+    svc = kinds["Service"]["spec"]
+    assert svc["type"] == "ClusterIP"
+    assert svc["selector"] == {"epics-operator.io/ioc": "ioc1"}
+    ports = {(p["name"], p["protocol"], p["port"], p["targetPort"]) for p in svc["ports"]}
+    assert ports == {("ca-tcp", "TCP", 5064, 5064), ("ca-udp", "UDP", 5064, 5064),
+                     ("pva-tcp", "TCP", 5075, 5075), ("pva-udp", "UDP", 5076, 5076)}
+    assert all("hostPort" not in p for p in pod["containers"][0]["ports"])
+
+
+def test_pod_mode_only_serves_enabled_protocols():
+    ioc = make_ioc(servers={"pva": {"enabled": False}})
+    svc = by_kind(render(ioc))["Service"]["spec"]
+    assert {p["name"] for p in svc["ports"]} == {"ca-tcp", "ca-udp"}
+    assert "EPICS_PVAS_SERVER_PORT" not in env_of(pod_spec(render(ioc))["containers"][0])
+
+
+def test_sidecar_moves_ioc_pva_to_loopback_and_adds_pvagw():
+    ioc = make_ioc(network={"mode": "sidecar"}, servers={"pva": {"implementation": "classic"}},
+                   gateways={"pva": {"readOnly": True}})
+    objects = render(ioc)
+    kinds = by_kind(objects)
+    assert list(kinds) == ["ConfigMap", "Service", "StatefulSet"]
+    pod = pod_spec(objects)
+    ioc_c, gw = pod["containers"]
+    env = env_of(ioc_c)
+    assert env["EPICS_PVAS_INTF_ADDR_LIST"] == "127.0.0.1"
+    assert env["EPICS_PVAS_SERVER_PORT"] == "15075"
+    assert env["EPICS_PVAS_BROADCAST_PORT"] == "15076"
+    assert env["EPICS_CAS_SERVER_PORT"] == "5064"  # CA stays on the pod IP
+    assert {p["name"] for p in ioc_c["ports"]} == {"ca-tcp", "ca-udp"}
+    assert gw["name"] == "pvagw"
+    assert gw["env"][0]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert gw["securityContext"]["runAsNonRoot"] is True
+    conf = json.loads(kinds["ConfigMap"]["data"]["pvagw.json"])
+    assert conf["readOnly"] is True
+    assert conf["clients"][0]["addrlist"] == "127.0.0.1:15076"
+    server = conf["servers"][0]
+    assert server["interface"] == ["@POD_IP@"]
+    assert (server["serverport"], server["bcastport"]) == (5075, 5076)
+    assert server["statusprefix"] == "T:PVAGW:"
+    template_meta = kinds["StatefulSet"]["spec"]["template"]["metadata"]
+    assert CONFIG_HASH_ANNOTATION in template_meta["annotations"]
+    svc_ports = {p["name"] for p in kinds["Service"]["spec"]["ports"]}
+    assert svc_ports == {"ca-tcp", "ca-udp", "pva-tcp", "pva-udp"}
+
+
+def test_gateway_config_change_rolls_the_pod():
+    a = render(make_ioc(network={"mode": "sidecar"}))
+    b = render(make_ioc(network={"mode": "sidecar"}, gateways={"pva": {"readOnly": True}}))
+
+    def hash_of(objects):
+        return by_kind(objects)["StatefulSet"]["spec"]["template"]["metadata"][
+            "annotations"][CONFIG_HASH_ANNOTATION]
+
+    assert hash_of(a) != hash_of(b)
+
+
+def test_singleton_statefulset_with_owner_reference():
+    sts = by_kind(render(make_ioc()))["StatefulSet"]
+    assert sts["spec"]["replicas"] == 1
+    assert sts["spec"]["podManagementPolicy"] == "OrderedReady"
+    owner = sts["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
+        "IOC", "ioc1", "uid-1", True)
+    assert by_kind(render(make_ioc(suspend=True)))["StatefulSet"]["spec"]["replicas"] == 0
+
+
+def test_offline_render_without_uid_has_no_owner():
+    sts = by_kind(render(make_ioc(uid=None)))["StatefulSet"]
+    assert "ownerReferences" not in sts["metadata"]
+
+
+def test_autosave_claim_is_not_owned_and_is_mounted():
+    objects = render(make_ioc(autosave={"enabled": True, "size": "2Gi",
+                                        "storageClassName": "fast"}))
+    pvc = by_kind(objects)["PersistentVolumeClaim"]
+    assert "ownerReferences" not in pvc["metadata"]  # survives deleting the IOC
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    assert pvc["spec"]["storageClassName"] == "fast"
+    pod = pod_spec(objects)
+    assert {"name": "autosave", "persistentVolumeClaim": {"claimName": "ioc1-autosave"}} in (
+        pod["volumes"])
+    assert {"name": "autosave", "mountPath": "/autosave"} in pod["containers"][0][
+        "volumeMounts"]
+
+
+def test_scheduling_and_container_settings_pass_through():
+    ioc = make_ioc(
+        command=["softIoc"], args=["st.cmd"], workingDir="/ioc",
+        env=[{"name": "A", "value": "1"},
+             {"name": "B", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}],
+        resources={"requests": {"cpu": "100m"}, "limits": {"memory": "1Gi"}},
+        scheduling={"nodeName": "n1", "nodeSelector": {"rack": "a"},
+                    "tolerations": [{"key": "ioc", "operator": "Exists"}],
+                    "affinity": {"nodeAffinity": {}}, "priorityClassName": "high"},
+        injectClientEnv=True, serviceAccountName="ioc-sa", imagePullSecrets=["regcred"],
+    )
+    pod = pod_spec(render(ioc))
+    c = pod["containers"][0]
+    assert (c["command"], c["args"], c["workingDir"]) == (["softIoc"], ["st.cmd"], "/ioc")
+    assert {"name": "B", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}} in c["env"]
+    assert c["resources"] == {"requests": {"cpu": "100m"}, "limits": {"memory": "1Gi"}}
+    assert c["envFrom"] == [{"configMapRef": {"name": "epics-client-env", "optional": True}}]
+    assert (c["stdin"], c["tty"]) == (True, True)
+    assert pod["nodeName"] == "n1"
+    assert pod["nodeSelector"] == {"rack": "a"}
+    assert pod["tolerations"] == [{"key": "ioc", "operator": "Exists"}]
+    assert pod["priorityClassName"] == "high"
+    assert pod["serviceAccountName"] == "ioc-sa"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["enableServiceLinks"] is False
+
+
+def test_rendering_is_deterministic():
+    for mode in ("host", "pod", "sidecar"):
+        ioc = make_ioc(network={"mode": mode}, autosave={"enabled": True})
+        assert render(ioc) == render(ioc)
+        assert render(ioc) == render(make_ioc(network={"mode": mode},
+                                              autosave={"enabled": True}))

@@ -1,0 +1,68 @@
+"""A user's mistake is one IOCValidationError naming the field, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import make_ioc
+
+from ioc_operator.errors import IOCValidationError
+from ioc_operator.render import parse_ioc
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "words"),
+    [
+        ({"image": "x"}, "spec.prefix", "Field required"),
+        ({"prefix": "A:"}, "spec.image", "Field required"),
+        ({"image": "x", "prefix": "A B"}, "spec.prefix", "pattern"),
+        ({"image": "x", "prefix": "A:", "network": {"mode": "bridge"}}, "spec.network.mode",
+         "'host', 'pod' or 'sidecar'"),
+        ({"image": "x", "prefix": "A:", "netwrk": {}}, "spec.netwrk", "unknown field"),
+        ({"image": "x", "prefix": "A:", "network": {"ports": {"ca": 80}}},
+         "spec.network.ports.ca", "greater than or equal to 1024"),
+        ({"image": "x", "prefix": "A:", "gateways": {"pva": {}}}, "spec",
+         "gateways may only be set when network.mode is sidecar"),
+        ({"image": "x", "prefix": "A:", "servers": {"ca": {"enabled": False},
+                                                     "pva": {"enabled": False}}},
+         "spec", "must serve CA or PVA"),
+        ({"image": "x", "prefix": "A:", "network": {"mode": "sidecar"},
+          "servers": {"pva": {"enabled": False}}}, "spec", "enable servers.pva"),
+        ({"image": "x", "prefix": "A:",
+          "network": {"ports": {"pvaServer": 5090, "pvaBroadcast": 5090}}}, "spec",
+         "pvaServer and ports.pvaBroadcast must differ"),
+    ],
+)
+def test_schema_errors_name_the_field(spec, field, words):
+    with pytest.raises(IOCValidationError) as info:
+        parse_ioc({"metadata": {"name": "a"}, "spec": spec})
+    assert info.value.field == field
+    assert words in str(info.value)
+
+
+def test_bad_name_is_reported_on_metadata():
+    with pytest.raises(IOCValidationError) as info:
+        parse_ioc({"metadata": {"name": "Bad_Name"}, "spec": {"image": "x", "prefix": "A:"}})
+    assert info.value.field == "metadata.name"
+
+
+def test_classic_pva_cannot_promise_name_servers_without_sidecar():
+    with pytest.raises(IOCValidationError) as info:
+        make_ioc(network={"requireNameServers": True},
+                 servers={"pva": {"implementation": "classic"}})
+    assert info.value.field == "spec.network.requireNameServers"
+    assert "sidecar" in str(info.value)
+    # the sidecar's pvagw answers name-server searches, so this one is fine
+    make_ioc(network={"mode": "sidecar", "requireNameServers": True},
+             servers={"pva": {"implementation": "classic"}})
+
+
+def test_caproto_cannot_promise_ca_name_servers():
+    with pytest.raises(IOCValidationError, match="caproto CA server"):
+        make_ioc(network={"requireNameServers": True}, servers={"ca": {"implementation":
+                                                                       "caproto"}})
+
+
+def test_ca_port_colliding_with_gateway_internal_port():
+    with pytest.raises(IOCValidationError) as info:
+        make_ioc(network={"mode": "sidecar", "ports": {"ca": 15075}})
+    assert info.value.field == "spec.network.ports.ca"
