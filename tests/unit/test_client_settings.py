@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from conftest import make_ioc
-
 from ioc_operator import clientenv
 from ioc_operator.render import resolve_ports
 from ioc_operator.render.ports import ResolvedPorts
+
+from conftest import make_ioc
 
 
 def settings(**spec):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from conftest import by_kind, env_of, make_ioc
-
 from ioc_operator.render import render
 from ioc_operator.render.names import CONFIG_HASH_ANNOTATION
+
+from conftest import by_kind, env_of, make_ioc
 
 
 def pod_spec(objects):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from conftest import make_ioc
 
 from ioc_operator.errors import IOCValidationError
 from ioc_operator.render import parse_ioc
+
+from conftest import make_ioc
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,44 @@
+# One-command entry points. Each target does its own set-up on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup system-deps controlplane test unit lint crd clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+## setup: virtual environment with the operator and its test dependencies
+setup: $(VENV)/.installed
+
+## system-deps: iproute2 and iptables for the network lab (root only)
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && ! { command -v ip && command -v iptables; } >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iptables; \
+	fi
+
+## controlplane: build (or reuse) etcd, kube-apiserver, ... from the Go module proxy
+controlplane:
+	bash tests/controlplane/build.sh >/dev/null
+
+## test: lint, then every test (unit, real control plane, network lab)
+test: setup system-deps controlplane
+	$(PY) -m ruff check operator tests
+	$(PY) -m pytest
+
+## unit: the fast tests only (no Go, no root)
+unit: setup
+	$(PY) -m pytest tests/unit
+
+lint: setup
+	$(PY) -m ruff check operator tests
+
+## crd: regenerate crds/ from the model
+crd: setup
+	$(VENV)/bin/ioc-operator crd > crds/iocs.epics-operator.io.yaml
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

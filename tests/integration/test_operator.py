@@ -1,0 +1,302 @@
+"""The real operator (`ioc-operator run`, a subprocess) against the real API server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+
+from ioc_operator.kube import Kube, KubeError
+
+IOC_API = "epics-operator.io/v1alpha1"
+WAIT = 30.0
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = WAIT) -> Any:
+    """Poll until probe() is truthy; bounded in time (and so in count)."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
+
+
+class Operator:
+    """`ioc-operator run` as a subprocess, stopped by PID."""
+
+    def __init__(self, kubeconfig: Path, log_dir: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.log_path = log_dir / "operator.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ioc_operator.cli", "run", "-v"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        )
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        if kill:
+            self.proc.kill()
+        else:
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def kube(control_plane) -> Kube:
+    configuration = k8s.Configuration()
+    k8s_config.load_kube_config(config_file=str(control_plane.kubeconfig),
+                                client_configuration=configuration)
+    return Kube(k8s.ApiClient(configuration))
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane, tmp_path_factory) -> Iterator[Operator]:
+    op = Operator(Path(control_plane.kubeconfig), tmp_path_factory.mktemp("operator"))
+    op.start()
+    yield op
+    op.stop()
+    if "Traceback" in op.log():
+        print(op.log()[-4000:])
+
+
+def ioc_manifest(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": IOC_API,
+        "kind": "IOC",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"image": "registry.example/ioc:1", "prefix": f"{name.upper()}:", **spec},
+    }
+
+
+def get_ioc(kube: Kube, ns: str, name: str) -> dict[str, Any] | None:
+    return kube.get(IOC_API, "IOC", ns, name)
+
+
+def condition(ioc: dict[str, Any] | None, ctype: str) -> dict[str, Any] | None:
+    for cond in ((ioc or {}).get("status") or {}).get("conditions") or []:
+        if cond["type"] == ctype:
+            return cond
+    return None
+
+
+def reconciled(kube: Kube, ns: str, name: str) -> dict[str, Any] | None:
+    """The IOC once the operator has handled its current generation."""
+    ioc = get_ioc(kube, ns, name)
+    cond = condition(ioc, "Reconciled")
+    if ioc and cond and cond["observedGeneration"] == ioc["metadata"]["generation"]:
+        return ioc
+    return None
+
+
+def events_for(kube: Kube, ns: str, name: str) -> list[dict[str, Any]]:
+    return [e for e in kube.list("v1", "Event", ns)
+            if e["involvedObject"].get("name") == name
+            and e["involvedObject"].get("kind") == "IOC"]
+
+
+def owned_by(obj: dict[str, Any], ioc: dict[str, Any]) -> bool:
+    return any(ref["uid"] == ioc["metadata"]["uid"] and ref.get("controller")
+               for ref in obj["metadata"].get("ownerReferences") or [])
+
+
+@pytest.mark.parametrize("mode", ["pod", "sidecar", "host"])
+def test_each_mode_creates_owned_objects_and_status(kube, operator, namespace, mode):
+    spec: dict[str, Any] = {"network": {"mode": mode}}
+    if mode == "host":
+        # No kubelet here: a Node object stands in so the IOC has a node address.
+        node = f"node-{namespace}"
+        kube.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node},
+                     "status": {"addresses": [{"type": "InternalIP",
+                                               "address": "198.18.0.11"}]}})
+        spec["scheduling"] = {"nodeName": node}
+        spec["network"]["ports"] = {"ca": 5070, "pvaServer": 5081, "pvaBroadcast": 5082}
+    kube.create(ioc_manifest("ioc-a", namespace, **spec))
+    ioc = wait_for("status", lambda: (i := reconciled(kube, namespace, "ioc-a"))
+                   and (i["status"].get("endpoints") and i))
+    sts = kube.get("apps/v1", "StatefulSet", namespace, "ioc-a")
+    assert sts and owned_by(sts, ioc)
+    assert sts["spec"]["replicas"] == 1
+    svc = kube.get("v1", "Service", namespace, "ioc-a")
+    status = ioc["status"]
+    assert status["observedGeneration"] == ioc["metadata"]["generation"]
+    assert status["mode"] == mode
+    ready = condition(ioc, "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "PodNotReady"  # no kubelet
+    assert ready["lastTransitionTime"]
+    if mode == "host":
+        assert svc is None
+        assert sts["spec"]["template"]["spec"]["hostNetwork"] is True
+        assert status["endpoints"] == {"ca": "198.18.0.11:5070", "pva": "198.18.0.11:5081"}
+        assert status["clientEnv"]["EPICS_PVA_NAME_SERVERS"] == "198.18.0.11:5081"
+        assert status["node"] == node
+    else:
+        assert svc and owned_by(svc, ioc)
+        ip = svc["spec"]["clusterIP"]
+        assert ip.startswith("198.19.")
+        assert status["endpoints"] == {"ca": f"{ip}:5064", "pva": f"{ip}:5075"}
+        assert status["clientEnv"]["EPICS_CA_ADDR_LIST"] == ip
+        assert status["clientEnv"]["EPICS_CA_NAME_SERVERS"] == f"{ip}:5064"
+    cm = kube.get("v1", "ConfigMap", namespace, "ioc-a-pvagw")
+    assert (cm is not None) == (mode == "sidecar")
+    if cm:
+        assert owned_by(cm, ioc)
+    reasons = wait_for("events", lambda: {e["reason"] for e in
+                                          events_for(kube, namespace, "ioc-a")} or None)
+    assert "Applied" in reasons
+
+
+def test_spec_update_rolls_the_workload(kube, operator, namespace):
+    kube.create(ioc_manifest("ioc-b", namespace))
+    wait_for("first reconcile", lambda: reconciled(kube, namespace, "ioc-b"))
+    before = kube.get("apps/v1", "StatefulSet", namespace, "ioc-b")
+    kube.request("PATCH", f"/apis/{IOC_API}/namespaces/{namespace}/iocs/ioc-b",
+                 body={"spec": {"env": [{"name": "MOTOR_COUNT", "value": "8"}]}},
+                 content_type="application/merge-patch+json")
+    ioc = wait_for("second reconcile", lambda: (i := reconciled(kube, namespace, "ioc-b"))
+                   and i["metadata"]["generation"] == 2 and i)
+    after = kube.get("apps/v1", "StatefulSet", namespace, "ioc-b")
+    assert after["metadata"]["generation"] > before["metadata"]["generation"]
+    env = after["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "MOTOR_COUNT", "value": "8"} in env
+    assert ioc["status"]["observedGeneration"] == 2
+
+
+def test_deleted_owned_objects_are_recreated(kube, operator, namespace):
+    kube.create(ioc_manifest("ioc-c", namespace))
+    wait_for("reconcile", lambda: reconciled(kube, namespace, "ioc-c"))
+    for api, kind in (("v1", "Service"), ("apps/v1", "StatefulSet")):
+        old = kube.get(api, kind, namespace, "ioc-c")
+        kube.delete(api, kind, namespace, "ioc-c")
+        wait_for(f"{kind} recreated", lambda api=api, kind=kind, old=old: (
+            (new := kube.get(api, kind, namespace, "ioc-c"))
+            and new["metadata"]["uid"] != old["metadata"]["uid"]))
+
+
+def test_drift_in_owned_fields_is_reverted(kube, operator, namespace):
+    kube.create(ioc_manifest("ioc-d", namespace))
+    wait_for("reconcile", lambda: reconciled(kube, namespace, "ioc-d"))
+    path = f"/apis/apps/v1/namespaces/{namespace}/statefulsets/ioc-d"
+    kube.request("PATCH", path, body={"spec": {"replicas": 3},
+                                      "metadata": {"annotations": {"team": "vacuum"}}},
+                 content_type="application/merge-patch+json")
+    sts = wait_for("replicas reverted", lambda: (
+        (s := kube.get("apps/v1", "StatefulSet", namespace, "ioc-d"))
+        and s["spec"]["replicas"] == 1 and s))
+    assert sts["metadata"]["annotations"]["team"] == "vacuum"  # not ours: left alone
+
+
+def test_delete_collects_owned_objects_but_keeps_autosave(kube, operator, namespace):
+    kube.create(ioc_manifest("ioc-e", namespace, autosave={"enabled": True}))
+    wait_for("reconcile", lambda: reconciled(kube, namespace, "ioc-e"))
+    assert kube.get("v1", "PersistentVolumeClaim", namespace, "ioc-e-autosave")
+    kube.delete(IOC_API, "IOC", namespace, "ioc-e")
+    wait_for("garbage collection", lambda: (
+        kube.get("apps/v1", "StatefulSet", namespace, "ioc-e") is None
+        and kube.get("v1", "Service", namespace, "ioc-e") is None), timeout=60)
+    assert kube.get("v1", "PersistentVolumeClaim", namespace, "ioc-e-autosave")
+
+
+def test_mode_change_prunes_the_service(kube, operator, namespace):
+    kube.create(ioc_manifest("ioc-f", namespace))
+    wait_for("reconcile", lambda: reconciled(kube, namespace, "ioc-f"))
+    assert kube.get("v1", "Service", namespace, "ioc-f")
+    kube.request("PATCH", f"/apis/{IOC_API}/namespaces/{namespace}/iocs/ioc-f",
+                 body={"spec": {"network": {"mode": "host"}}},
+                 content_type="application/merge-patch+json")
+    wait_for("service pruned", lambda: kube.get("v1", "Service", namespace, "ioc-f") is None)
+    sts = kube.get("apps/v1", "StatefulSet", namespace, "ioc-f")
+    assert sts["spec"]["template"]["spec"]["hostNetwork"] is True
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ({"network": {"mode": "bridge"}}, 'Unsupported value: "bridge"'),
+        ({"prefix": "has space"}, "spec.prefix"),
+        ({"gateways": {"pva": {}}}, "gateways may only be set when network.mode is sidecar"),
+        ({"network": {"ports": {"ca": 80}}}, "should be greater than or equal to 1024"),
+        ({"servers": {"ca": {"enabled": False}, "pva": {"enabled": False}}},
+         "an IOC must serve CA or PVA"),
+    ],
+)
+def test_api_server_rejects_schema_violations(kube, namespace, spec, words):
+    with pytest.raises(KubeError) as info:
+        kube.create(ioc_manifest("bad", namespace, **spec))
+    assert info.value.status == 422
+    assert words in info.value.message
+
+
+def test_semantic_error_is_a_condition_and_warning_and_applies_nothing(kube, operator,
+                                                                        namespace):
+    kube.create(ioc_manifest("ioc-g", namespace, network={"requireNameServers": True},
+                             servers={"pva": {"implementation": "classic"}}))
+    ioc = wait_for("condition", lambda: reconciled(kube, namespace, "ioc-g"))
+    ready = condition(ioc, "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
+    assert "spec.network.requireNameServers" in ready["message"]
+    warnings = wait_for("warning event", lambda: [
+        e for e in events_for(kube, namespace, "ioc-g") if e["type"] == "Warning"])
+    assert "spec.network.requireNameServers" in warnings[0]["message"]
+    assert kube.get("apps/v1", "StatefulSet", namespace, "ioc-g") is None
+    assert kube.get("v1", "Service", namespace, "ioc-g") is None
+
+
+def test_object_refused_by_api_server_is_not_half_applied(kube, operator, namespace):
+    """A bad affinity passes the IOC schema (it is free-form) but the StatefulSet is
+    refused: the dry run catches it before the Service is created."""
+    kube.create(ioc_manifest("ioc-h", namespace, scheduling={
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "zone", "operator": "Sideways", "values": ["a"]}]}]}}}}))
+    ioc = wait_for("condition", lambda: reconciled(kube, namespace, "ioc-h"))
+    cond = condition(ioc, "Reconciled")
+    assert cond["status"] == "False" and cond["reason"] == "Rejected"
+    assert "StatefulSet ioc-h" in cond["message"] and "Sideways" in cond["message"]
+    assert kube.get("v1", "Service", namespace, "ioc-h") is None
+
+
+def test_operator_restart_converges_without_duplicates(kube, operator, namespace):
+    operator.stop(kill=True)
+    for i in range(5):
+        kube.create(ioc_manifest(f"ioc-r{i}", namespace))
+    operator.start()
+    for i in range(5):
+        wait_for(f"ioc-r{i}", lambda i=i: reconciled(kube, namespace, f"ioc-r{i}"), timeout=60)
+    # kill it again straight after it has started on a new change, and restart
+    kube.request("PATCH", f"/apis/{IOC_API}/namespaces/{namespace}/iocs/ioc-r0",
+                 body={"spec": {"args": ["st.cmd"]}},
+                 content_type="application/merge-patch+json")
+    operator.stop(kill=True)
+    operator.start()
+    wait_for("ioc-r0 generation 2", lambda: (i := reconciled(kube, namespace, "ioc-r0"))
+             and i["metadata"]["generation"] == 2, timeout=60)
+    selector = "app.kubernetes.io/managed-by=ioc-operator"
+    sts = kube.list("apps/v1", "StatefulSet", namespace, selector)
+    svcs = kube.list("v1", "Service", namespace, selector)
+    assert sorted(s["metadata"]["name"] for s in sts) == [f"ioc-r{i}" for i in range(5)]
+    assert sorted(s["metadata"]["name"] for s in svcs) == [f"ioc-r{i}" for i in range(5)]
