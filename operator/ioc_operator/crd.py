@@ -62,11 +62,14 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
                 del node["default"]
             node = {**_resolve(rest[0], defs), **node}  # the field's own keys win
     out: dict[str, Any] = {}
+    optional: set[str] = set()  # Optional[...] fields stay absent unless given
     for key, value in node.items():
         if key in _DROP:
             continue
         if key == "properties":
             out[key] = {name: _resolve(sub, defs) for name, sub in value.items()}
+            optional = {name for name, sub in value.items()
+                        if {"type": "null"} in sub.get("anyOf", [])}
         elif key in ("items", "additionalProperties", "anyOf", "allOf"):
             out[key] = _resolve(value, defs)
         else:
@@ -82,7 +85,8 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
         for name, sub in out["properties"].items():
             # Defaulting nested objects lets the API server fill their defaults too,
             # so CEL rules can read e.g. self.network.mode when `network` was omitted.
-            if name not in required and "properties" in sub and "default" not in sub:
+            if (name not in required and name not in optional and "properties" in sub
+                    and "default" not in sub):
                 sub["default"] = {}
     return out
 

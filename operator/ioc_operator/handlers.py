@@ -89,7 +89,14 @@ def _child_event(body: kopf.Body, memo: kopf.Memo, logger: Any) -> None:
         logger.warning("reconcile of IOC %s/%s deferred: %s", namespace, name, exc)
         return
     if _differs(status, ioc.get("status") or {}):
-        memo.kube.patch_status(f"{GROUP}/{VERSION}", "IOC", namespace, name, status)
+        try:
+            memo.kube.patch_status(f"{GROUP}/{VERSION}", "IOC", namespace, name, status)
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
+            # Deleted meanwhile: anything re-applied since carries its uid as owner,
+            # so the garbage collector removes it.
+            logger.debug("IOC %s/%s vanished during reconcile", namespace, name)
 
 
 @kopf.on.event("apps", "v1", "statefulsets", labels=MANAGED)
