@@ -17,6 +17,8 @@ class OperatorConfig(BaseModel):
 
     gateway_image: str = Field(default=DEFAULT_GATEWAY_IMAGE)
     directory_name: str = Field(default="epics-client-env")
+    # When set, one more directory in this namespace lists the IOCs of all namespaces.
+    cluster_directory_namespace: str | None = Field(default=None)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> OperatorConfig:

@@ -441,12 +441,14 @@ class ControlPlane:
         workdir: Path | None = None,
         ready_timeout: float = 90.0,
         verbosity: int = 1,
+        extra_args: dict[str, Sequence[str]] | None = None,
     ) -> None:
         self.bin_dir = bin_dir
         self.with_scheduler = scheduler
         self.keep_logs = keep_logs
         self.ready_timeout = ready_timeout
         self.verbosity = verbosity
+        self.extra_args = {name: list(args) for name, args in (extra_args or {}).items()}
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="ioc-controlplane-"))
         self.pki: Pki | None = None
@@ -682,9 +684,8 @@ class ControlPlane:
         }
         assert self.bin_dir is not None
         for name, args in argvs.items():
-            self._procs[name] = _Process(
-                name, [str(self.bin_dir / name), *args], self.log_dir / f"{name}.log"
-            )
+            argv = [str(self.bin_dir / name), *args, *self.extra_args.get(name, ())]
+            self._procs[name] = _Process(name, argv, self.log_dir / f"{name}.log")
 
     def _etcd_args(self) -> list[str]:
         client = f"http://{LOOPBACK}:{self.ports['etcd']}"
@@ -727,6 +728,7 @@ class ControlPlane:
             "--allow-privileged=true",
             "--profiling=false",
             "--endpoint-reconciler-type=none",
+            "--shutdown-watch-termination-grace-period=5s",  # else watches block a stop
             f"--v={self.verbosity}",
         ]
 

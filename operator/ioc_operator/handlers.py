@@ -11,7 +11,9 @@ import kopf
 
 from . import GROUP, PLURAL, VERSION
 from .config import OperatorConfig
+from .directory import COMPONENT as DIRECTORY_COMPONENT
 from .kube import Kube, KubeError, load_client
+from .publish import DirectoryPublisher
 from .reconcile import event_type, reconcile
 from .render.names import MANAGED_BY
 
@@ -39,6 +41,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.watching.server_timeout = 300
     memo.config = OperatorConfig.from_env()
     memo.kube = Kube(load_client())
+    memo.directory = DirectoryPublisher(memo.kube, memo.config.directory_name)
 
 
 def _run(body: dict[str, Any], memo: kopf.Memo) -> dict[str, Any]:
@@ -102,5 +105,34 @@ def _child_event(body: kopf.Body, memo: kopf.Memo, logger: Any) -> None:
 @kopf.on.event("apps", "v1", "statefulsets", labels=MANAGED)
 @kopf.on.event("", "v1", "services", labels=MANAGED)
 @kopf.on.event("", "v1", "configmaps", labels=MANAGED)
-def owned_object_event(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+def owned_object_event(body: kopf.Body, memo: kopf.Memo, logger: Any,
+                       client_envs: kopf.Index, **_: Any) -> None:
+    labels = body.get("metadata", {}).get("labels") or {}
+    if labels.get("app.kubernetes.io/component") == DIRECTORY_COMPONENT:
+        namespace = body["metadata"]["namespace"]
+        memo.directory.forget(namespace)  # changed or deleted by hand: write it again
+        _publish(memo, client_envs, namespace)
+        return
     _child_event(body, memo, logger)
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def client_envs(namespace: str, name: str, status: kopf.Status, **_: Any) -> dict[str, Any]:
+    """Each IOC's published client settings, by namespace."""
+    return {namespace: (name, dict(status.get("clientEnv") or {}))}
+
+
+def _publish(memo: kopf.Memo, index: kopf.Index, namespace: str) -> None:
+    entries = list(index.get(namespace, []))
+    memo.directory.publish(namespace, [env for _, env in entries] if entries else None)
+    cluster_ns = memo.config.cluster_directory_namespace
+    if cluster_ns:
+        everything = [env for ns in index for _, env in index[ns]]
+        memo.directory.publish(cluster_ns, everything,
+                               name=f"{memo.config.directory_name}-cluster")
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def ioc_event(namespace: str, memo: kopf.Memo, client_envs: kopf.Index, **_: Any) -> None:
+    """Any IOC change (status included) or deletion: refresh its namespace's directory."""
+    _publish(memo, client_envs, namespace)

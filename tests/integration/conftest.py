@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from kubernetes import client, config
+from support import Operator
 
 from ioc_operator.controlplane import (
     COLD_BUILD_HINT,
@@ -21,6 +22,7 @@ from ioc_operator.controlplane import (
     ControlPlaneError,
     ensure_binaries,
 )
+from ioc_operator.kube import Kube
 
 REPO = Path(__file__).resolve().parents[2]
 _FAILED = pytest.StashKey[bool]()
@@ -89,3 +91,20 @@ def namespace(api_client: client.ApiClient) -> Iterator[str]:
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     yield name
     core.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def kube(api_client: client.ApiClient) -> Kube:
+    """The operator's own API layer, as admin."""
+    return Kube(api_client)
+
+
+@pytest.fixture(scope="session")
+def operator(control_plane: ControlPlane,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    """The real operator (`ioc-operator run`) watching all namespaces."""
+    op = Operator(Path(control_plane.kubeconfig), tmp_path_factory.mktemp("operator"))
+    op.start()
+    yield op
+    op.stop()
+    print(f"operator log: {op.log_path}")

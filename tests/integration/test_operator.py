@@ -2,86 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes import client as k8s
-from kubernetes import config as k8s_config
+from support import IOC_API, wait_for
 
 from ioc_operator.kube import Kube, KubeError
-
-IOC_API = "epics-operator.io/v1alpha1"
-WAIT = 30.0
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = WAIT) -> Any:
-    """Poll until probe() is truthy; bounded in time (and so in count)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
-
-
-class Operator:
-    """`ioc-operator run` as a subprocess, stopped by PID."""
-
-    def __init__(self, kubeconfig: Path, log_dir: Path) -> None:
-        self.kubeconfig = kubeconfig
-        self.log_path = log_dir / "operator.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        log = self.log_path.open("ab")
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ioc_operator.cli", "run", "-v"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-        )
-
-    def stop(self, kill: bool = False) -> None:
-        if self.proc is None:
-            return
-        if kill:
-            self.proc.kill()
-        else:
-            self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-@pytest.fixture(scope="module")
-def kube(control_plane) -> Kube:
-    configuration = k8s.Configuration()
-    k8s_config.load_kube_config(config_file=str(control_plane.kubeconfig),
-                                client_configuration=configuration)
-    return Kube(k8s.ApiClient(configuration))
-
-
-@pytest.fixture(scope="module")
-def operator(control_plane, tmp_path_factory) -> Iterator[Operator]:
-    op = Operator(Path(control_plane.kubeconfig), tmp_path_factory.mktemp("operator"))
-    op.start()
-    yield op
-    op.stop()
-    if "Traceback" in op.log():
-        print(op.log()[-4000:])
 
 
 def ioc_manifest(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
