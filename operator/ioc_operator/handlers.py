@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import threading
 from collections import defaultdict
 from typing import Any
@@ -17,6 +18,7 @@ from .publish import DirectoryPublisher
 from .reconcile import event_type, reconcile
 from .render.names import MANAGED_BY
 
+log = logging.getLogger(__name__)
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 RETRY_DELAY = 5.0
 
@@ -124,12 +126,16 @@ def client_envs(namespace: str, name: str, status: kopf.Status, **_: Any) -> dic
 
 def _publish(memo: kopf.Memo, index: kopf.Index, namespace: str) -> None:
     entries = list(index.get(namespace, []))
-    memo.directory.publish(namespace, [env for _, env in entries] if entries else None)
-    cluster_ns = memo.config.cluster_directory_namespace
-    if cluster_ns:
-        everything = [env for ns in index for _, env in index[ns]]
-        memo.directory.publish(cluster_ns, everything,
-                               name=f"{memo.config.directory_name}-cluster")
+    try:
+        memo.directory.publish(namespace, [env for _, env in entries] if entries else None)
+        cluster_ns = memo.config.cluster_directory_namespace
+        if cluster_ns:
+            everything = [env for ns in index for _, env in index[ns]]
+            memo.directory.publish(cluster_ns, everything,
+                                   name=f"{memo.config.directory_name}-cluster")
+    except KubeError as exc:
+        # e.g. the namespace is being deleted; the next IOC event publishes again.
+        log.warning("client directory of %s not written: %s", namespace, exc)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from kubernetes import client, config
-from support import Operator
 
 from ioc_operator.controlplane import (
     COLD_BUILD_HINT,
@@ -23,6 +22,8 @@ from ioc_operator.controlplane import (
     ensure_binaries,
 )
 from ioc_operator.kube import Kube
+
+from support import Operator
 
 REPO = Path(__file__).resolve().parents[2]
 _FAILED = pytest.StashKey[bool]()

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from support import IOC_API, wait_for
 
 from ioc_operator.kube import Kube, KubeError
+
+from support import IOC_API, wait_for
 
 
 def ioc_manifest(name: str, namespace: str, **spec: Any) -> dict[str, Any]:

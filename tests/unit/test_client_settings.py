@@ -6,7 +6,7 @@ from ioc_operator import clientenv
 from ioc_operator.render import resolve_ports
 from ioc_operator.render.ports import ResolvedPorts
 
-from conftest import make_ioc
+from iocs import make_ioc
 
 
 def settings(**spec):

@@ -12,7 +12,7 @@ from ioc_operator.directory import (
 from ioc_operator.render import resolve_ports
 from ioc_operator.render.ports import ResolvedPorts
 
-from conftest import make_ioc
+from iocs import make_ioc
 
 
 def env_for(address: str, **spec) -> dict[str, str]:

@@ -7,7 +7,7 @@ import json
 from ioc_operator.render import render
 from ioc_operator.render.names import CONFIG_HASH_ANNOTATION
 
-from conftest import by_kind, env_of, make_ioc
+from iocs import by_kind, env_of, make_ioc
 
 
 def pod_spec(objects):

@@ -7,7 +7,7 @@ import pytest
 from ioc_operator.errors import IOCValidationError
 from ioc_operator.render import parse_ioc
 
-from conftest import make_ioc
+from iocs import make_ioc
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 from ioc_operator.models import IOC
 from ioc_operator.render import parse_ioc
 
@@ -23,6 +21,3 @@ def env_of(container: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e.get("value") for e in container.get("env", [])}
 
 
-@pytest.fixture
-def ioc_factory():
-    return make_ioc

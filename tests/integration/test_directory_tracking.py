@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from support import IOC_API, wait_for
-
 from ioc_operator.kube import Kube
+
+from support import IOC_API, wait_for
 
 DIRECTORY = "epics-client-env"
 DELAYS: list[tuple[str, float]] = []
