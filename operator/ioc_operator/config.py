@@ -19,6 +19,9 @@ class OperatorConfig(BaseModel):
     directory_name: str = Field(default="epics-client-env")
     # When set, one more directory in this namespace lists the IOCs of all namespaces.
     cluster_directory_namespace: str | None = Field(default=None)
+    # Host-network IOCs get their ports from this range (EPICS defaults first).
+    host_port_min: int = Field(default=5064, ge=1024, le=65535)
+    host_port_max: int = Field(default=5999, ge=1024, le=65535)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> OperatorConfig:

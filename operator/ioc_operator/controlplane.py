@@ -27,7 +27,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -354,6 +354,16 @@ def _parent_death_signal() -> None:  # pragma: no cover - runs in the child
         pass
 
 
+def _polls(timeout: float, interval: float = 0.25) -> Iterator[int]:
+    """Yield attempt numbers, sleeping `interval` between; bounded in time and count."""
+    deadline = time.monotonic() + timeout
+    for attempt in range(int(timeout / interval) + 1):
+        yield attempt
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(interval)
+
+
 def _loopback_opener(context: ssl.SSLContext) -> urllib.request.OpenerDirector:
     """An HTTPS opener that ignores *_proxy variables: traffic stays on loopback."""
     return urllib.request.build_opener(
@@ -455,6 +465,7 @@ class ControlPlane:
         self.ports: dict[str, int] = {}
         self._procs: dict[str, _Process] = {}
         self._started = False
+        self._stopped = False
 
     # -- properties
 
@@ -506,6 +517,9 @@ class ControlPlane:
     def stop(self, keep_logs: bool | None = None) -> None:
         """Stop all processes (by PID, bounded); remove the workdir unless logs are kept."""
         atexit.unregister(self.stop)
+        if self._stopped:
+            return
+        self._stopped = True
         for name in ("kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
             if name in self._procs:
                 self._procs[name].stop()
@@ -526,6 +540,20 @@ class ControlPlane:
         self._procs["kube-apiserver"].start()
         self.wait_ready()
 
+    def restart_controllers(self) -> None:
+        """Restart kube-controller-manager (and scheduler) on the same ports.
+
+        After an apiserver outage their informers back off (client-go: up to ~30 s plus
+        jitter), so garbage collection etc. may lag; a restart makes them prompt again.
+        """
+        names = ["kube-controller-manager"] + (["kube-scheduler"] if self.with_scheduler else [])
+        for name in names:
+            self._procs[name].stop()
+            self._procs[name].start()
+        self._wait_component("kube-controller-manager", self.ports["kcm"])
+        if self.with_scheduler:
+            self._wait_component("kube-scheduler", self.ports["scheduler"])
+
     @property
     def apiserver_running(self) -> bool:
         return self._procs["kube-apiserver"].running
@@ -534,9 +562,9 @@ class ControlPlane:
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Poll the apiserver's /readyz until it answers `ok`; fail with the log tails."""
-        deadline = time.monotonic() + (timeout or self.ready_timeout)
+        timeout = timeout or self.ready_timeout
         last = "no answer yet"
-        while time.monotonic() < deadline:
+        for _ in _polls(timeout):
             for name in ("etcd", "kube-apiserver"):
                 if not self._procs[name].running:
                     self._fail(f"{name} exited while waiting for /readyz")
@@ -547,8 +575,7 @@ class ControlPlane:
                 last = f"HTTP {status}: {body[-500:]}"
             except (OSError, urllib.error.URLError) as exc:
                 last = str(exc)
-            time.sleep(0.25)
-        self._fail(f"kube-apiserver not ready within {timeout or self.ready_timeout:.0f}s: {last}")
+        self._fail(f"kube-apiserver not ready within {timeout:.0f}s: {last}")
 
     def request(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
         """GET `path` from the apiserver as admin; returns (status, body)."""
@@ -579,8 +606,7 @@ class ControlPlane:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         opener = _loopback_opener(context)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        for _ in _polls(timeout):
             if not self._procs[name].running:
                 self._fail(f"{name} exited during start-up")
             try:
@@ -590,17 +616,17 @@ class ControlPlane:
                         return
             except (OSError, urllib.error.URLError):
                 pass
-            time.sleep(0.25)
         self._fail(f"{name} not healthy within {timeout:.0f}s")
 
     def _wait_default_service_account(self, timeout: float = 60.0) -> None:
         """The serviceaccount controller is up once `default/default` exists."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            status, _ = self.request("/api/v1/namespaces/default/serviceaccounts/default")
+        for _ in _polls(timeout):
+            try:
+                status, _ = self.request("/api/v1/namespaces/default/serviceaccounts/default")
+            except (OSError, urllib.error.URLError):
+                continue
             if status == 200:
                 return
-            time.sleep(0.25)
         self._fail(f"no default ServiceAccount within {timeout:.0f}s")
 
     def _fail(self, message: str) -> None:

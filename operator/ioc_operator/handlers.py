@@ -11,20 +11,28 @@ from typing import Any
 import kopf
 
 from . import GROUP, PLURAL, VERSION
+from .allocation import Allocation, HostIOC, allocate
 from .config import OperatorConfig
 from .directory import COMPONENT as DIRECTORY_COMPONENT
 from .kube import Kube, KubeError, load_client
+from .models import IOC
 from .publish import DirectoryPublisher
-from .reconcile import event_type, reconcile
+from .reconcile import event_type, host_ioc, reconcile
 from .render.names import MANAGED_BY
 
 log = logging.getLogger(__name__)
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 RETRY_DELAY = 5.0
 
+RECHECK_ANNOTATION = f"{GROUP}/recheck-ports"
+
 # One reconcile at a time per IOC: its own handlers and the watches on its children
 # run on different kopf workers.
 _locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+# Host-port allocations made but maybe not yet seen in the index (status written after
+# the handler returns), so two IOCs reconciled at once never pick the same port.
+_claims: dict[str, HostIOC] = {}
+_claims_lock = threading.Lock()
 
 
 def _now() -> str:
@@ -35,10 +43,10 @@ def _now() -> str:
 def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.posting.level = 20  # INFO: Normal events reach `kubectl describe`
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
-        prefix="epics-operator.io"
+        prefix="kopf.epics-operator.io"
     )
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="epics-operator.io", key="last-handled-configuration"
+        prefix="kopf.epics-operator.io", key="last-handled-configuration"
     )
     settings.watching.server_timeout = 300
     memo.config = OperatorConfig.from_env()
@@ -46,24 +54,61 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     memo.directory = DirectoryPublisher(memo.kube, memo.config.directory_name)
 
 
-def _run(body: dict[str, Any], memo: kopf.Memo) -> dict[str, Any]:
+def _allocator(memo: kopf.Memo, index: kopf.Index) -> Any:
+    def allocator(_: IOC, body: dict[str, Any]) -> Allocation:
+        me = host_ioc(body)
+        with _claims_lock:
+            others = {h.key: h for h in index.get("host", [])}
+            others.update(_claims)
+            others.pop(me.key, None)
+            port_range = (memo.config.host_port_min, memo.config.host_port_max)
+            allocation = allocate(me, others.values(), port_range)
+            if not allocation.refused:
+                p = allocation.ports
+                _claims[me.key] = HostIOC(me.key, me.node, me.explicit,
+                                          (p.ca, p.pva_server, p.pva_broadcast), me.created)
+        return allocation
+    return allocator
+
+
+def _run(body: dict[str, Any], memo: kopf.Memo, host_iocs: kopf.Index) -> dict[str, Any]:
     """Reconcile, post events for condition changes, return the status to write."""
     uid = body["metadata"]["uid"]
     with _locks[uid]:
         try:
-            outcome = reconcile(memo.kube, body, memo.config, _now())
+            outcome = reconcile(memo.kube, body, memo.config, _now(),
+                                _allocator(memo, host_iocs))
         except KubeError as exc:
             raise kopf.TemporaryError(f"API error, retrying: {exc}", delay=RETRY_DELAY) from exc
     for cond in outcome.events:
         kopf.event(body, type=event_type(cond), reason=cond.reason, message=cond.message)
+    before = set((body.get("status") or {}).get("portClashes") or [])
+    if before != set(outcome.clashes):
+        _recheck(memo, sorted(before | set(outcome.clashes)), body)
     return outcome.status
+
+
+def _recheck(memo: kopf.Memo, keys: list[str], body: dict[str, Any]) -> None:
+    """Make the other side of a port clash reconcile too, so both report it (and both
+    clear it). An annotation change is an update kopf hands to that IOC's handler."""
+    me = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
+    for key in keys:
+        namespace, name = key.split("/", 1)
+        url = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
+        patch = {"metadata": {"annotations": {RECHECK_ANNOTATION: f"{me} {_now()}"}}}
+        try:
+            memo.kube.request("PATCH", url, body=patch,
+                              content_type="application/merge-patch+json")
+        except KubeError as exc:
+            log.warning("could not ask IOC %s to recheck its ports: %s", key, exc)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
-def ioc_changed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    patch.status.update(_run(dict(body), memo))
+def ioc_changed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo,
+                host_iocs: kopf.Index, **_: Any) -> None:
+    patch.status.update(_run(dict(body), memo, host_iocs))
 
 
 def _differs(new: dict[str, Any], old: dict[str, Any]) -> bool:
@@ -78,7 +123,8 @@ def _owner_ioc(body: kopf.Body) -> str | None:
     return None
 
 
-def _child_event(body: kopf.Body, memo: kopf.Memo, logger: Any) -> None:
+def _child_event(body: kopf.Body, memo: kopf.Memo, logger: Any,
+                 host_iocs: kopf.Index) -> None:
     """An owned object changed or vanished: reconcile its IOC (recreates, reverts drift,
     refreshes readiness). Server-side apply of unchanged objects writes nothing."""
     name = _owner_ioc(body)
@@ -89,7 +135,7 @@ def _child_event(body: kopf.Body, memo: kopf.Memo, logger: Any) -> None:
     if ioc is None or ioc["metadata"].get("deletionTimestamp"):
         return  # the garbage collector is removing it
     try:
-        status = _run(ioc, memo)
+        status = _run(ioc, memo, host_iocs)
     except kopf.TemporaryError as exc:
         logger.warning("reconcile of IOC %s/%s deferred: %s", namespace, name, exc)
         return
@@ -108,14 +154,22 @@ def _child_event(body: kopf.Body, memo: kopf.Memo, logger: Any) -> None:
 @kopf.on.event("", "v1", "services", labels=MANAGED)
 @kopf.on.event("", "v1", "configmaps", labels=MANAGED)
 def owned_object_event(body: kopf.Body, memo: kopf.Memo, logger: Any,
-                       client_envs: kopf.Index, **_: Any) -> None:
+                       client_envs: kopf.Index, host_iocs: kopf.Index, **_: Any) -> None:
     labels = body.get("metadata", {}).get("labels") or {}
     if labels.get("app.kubernetes.io/component") == DIRECTORY_COMPONENT:
         namespace = body["metadata"]["namespace"]
         memo.directory.forget(namespace)  # changed or deleted by hand: write it again
         _publish(memo, client_envs, namespace)
         return
-    _child_event(body, memo, logger)
+    _child_event(body, memo, logger, host_iocs)
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def host_iocs(body: kopf.Body, spec: kopf.Spec, **_: Any) -> dict[str, Any] | None:
+    """Host-mode IOCs of the whole cluster: host ports are per node, not namespace."""
+    if (spec.get("network") or {}).get("mode") != "host":
+        return None
+    return {"host": host_ioc(dict(body))}
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
@@ -139,6 +193,11 @@ def _publish(memo: kopf.Memo, index: kopf.Index, namespace: str) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def ioc_event(namespace: str, memo: kopf.Memo, client_envs: kopf.Index, **_: Any) -> None:
-    """Any IOC change (status included) or deletion: refresh its namespace's directory."""
+def ioc_event(event: kopf.RawEvent, namespace: str, name: str, spec: kopf.Spec,
+              memo: kopf.Memo, client_envs: kopf.Index, **_: Any) -> None:
+    """Any IOC change (status included) or deletion: refresh its namespace's directory,
+    and release its host ports once it is gone or no longer in host mode."""
+    if event.get("type") == "DELETED" or (spec.get("network") or {}).get("mode") != "host":
+        with _claims_lock:
+            _claims.pop(f"{namespace}/{name}", None)
     _publish(memo, client_envs, namespace)

@@ -7,10 +7,12 @@ handlers and from the watches on the objects it owns.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import clientenv
+from .allocation import Allocation, HostIOC, PortRangeExhausted
 from .conditions import Cond, merge_conditions, transitions
 from .config import OperatorConfig
 from .errors import IOCValidationError
@@ -22,7 +24,9 @@ log = logging.getLogger(__name__)
 
 # Kinds the operator may delete again when an IOC no longer renders them (PVCs: never).
 PRUNABLE = (("v1", "Service"), ("v1", "ConfigMap"))
-FAILURE_REASONS = {"InvalidSpec", "Rejected"}
+FAILURE_REASONS = {"InvalidSpec", "Rejected", "PortConflict", "ExplicitPortClash",
+                   "PortRangeExhausted"}
+Allocator = Callable[[IOC, dict[str, Any]], Allocation]
 
 
 @dataclass
@@ -31,6 +35,7 @@ class Outcome:
 
     status: dict[str, Any]
     events: list[Cond] = field(default_factory=list)
+    clashes: tuple[str, ...] = ()  # IOCs asking for one of this IOC's explicit host ports
 
 
 @dataclass
@@ -40,16 +45,25 @@ class Observed:
     ready: bool = False
 
 
-def reconcile(kube: Kube, body: dict[str, Any], config: OperatorConfig, now: str) -> Outcome:
+def reconcile(kube: Kube, body: dict[str, Any], config: OperatorConfig, now: str,
+              allocator: Allocator | None = None) -> Outcome:
     """Bring the objects of one IOC in line with its spec. Raises KubeError only for
     passing faults (the caller retries); a user's mistake becomes a condition."""
     meta = body.get("metadata", {})
     generation = meta.get("generation")
+    allocation = None
     try:
         ioc = parse_ioc(body)
-        objects = render(ioc, config)
+        if ioc.spec.network.mode == NetworkMode.HOST and allocator:
+            allocation = allocator(ioc, body)
+            if allocation.refused:
+                return _refused(body, "PortConflict", allocation.refused, generation, now,
+                                allocation.clashes)
+        objects = render(ioc, config, allocation.ports if allocation else None)
     except IOCValidationError as exc:
         return _refused(body, "InvalidSpec", str(exc), generation, now)
+    except PortRangeExhausted as exc:
+        return _refused(body, "PortRangeExhausted", str(exc), generation, now)
 
     # Dry-run everything first, so an object the API server refuses (a bad affinity, an
     # immutable field) leaves every object as it was: nothing half-applied.
@@ -65,11 +79,11 @@ def reconcile(kube: Kube, body: dict[str, Any], config: OperatorConfig, now: str
     applied = [kube.apply(obj) for obj in objects]
     _prune(kube, ioc, objects)
     observed = _observe(kube, ioc, applied)
-    return _outcome(body, ioc, observed, generation, now)
+    return _outcome(body, ioc, observed, generation, now, allocation)
 
 
 def _refused(body: dict[str, Any], reason: str, message: str, generation: int | None,
-             now: str) -> Outcome:
+             now: str, clashes: tuple[str, ...] = ()) -> Outcome:
     """Keep what runs; say why the new spec was not applied."""
     current = (body.get("status") or {}).get("conditions") or []
     conds = [
@@ -78,7 +92,8 @@ def _refused(body: dict[str, Any], reason: str, message: str, generation: int | 
     ]
     status = dict(body.get("status") or {})
     status["conditions"] = merge_conditions(current, conds, generation, now)
-    return Outcome(status=status, events=transitions(current, conds))
+    status["portClashes"] = list(clashes) or None
+    return Outcome(status=status, events=transitions(current, conds), clashes=clashes)
 
 
 def _prune(kube: Kube, ioc: IOC, keep: list[dict[str, Any]]) -> None:
@@ -126,9 +141,10 @@ def _observe(kube: Kube, ioc: IOC, applied: list[dict[str, Any]]) -> Observed:
 
 
 def _outcome(body: dict[str, Any], ioc: IOC, observed: Observed, generation: int | None,
-             now: str) -> Outcome:
+             now: str, allocation: Allocation | None) -> Outcome:
     spec = ioc.spec
-    ports = resolve_ports(spec)
+    ports = resolve_ports(spec, allocation.ports if allocation else None)
+    clashes = allocation.clashes if allocation else ()
     current = (body.get("status") or {}).get("conditions") or []
     status: dict[str, Any] = {
         "observedGeneration": generation,
@@ -137,6 +153,7 @@ def _outcome(body: dict[str, Any], ioc: IOC, observed: Observed, generation: int
         "ports": ports.as_dict(),
         "endpoints": None,
         "clientEnv": None,
+        "portClashes": list(clashes) or None,
     }
     if observed.address:
         status["endpoints"] = clientenv.endpoints(spec, observed.address, ports)
@@ -152,9 +169,30 @@ def _outcome(body: dict[str, Any], ioc: IOC, observed: Observed, generation: int
     else:
         ready = Cond("Ready", True, "Running", "the IOC is running")
     conds = [Cond("Reconciled", True, "Applied", f"generation {generation} applied"), ready]
+    if spec.network.mode == NetworkMode.HOST:
+        conds.append(
+            Cond("PortConflict", True, "ExplicitPortClash",
+                 f"explicit host port(s) also requested by {', '.join(clashes)}; the older "
+                 "IOC keeps them") if clashes else
+            Cond("PortConflict", False, "NoConflict", "host ports are unique on the node"))
     status["conditions"] = merge_conditions(current, conds, generation, now)
-    return Outcome(status=status, events=transitions(current, conds))
+    return Outcome(status=status, events=transitions(current, conds), clashes=clashes)
 
 
 def event_type(cond: Cond) -> str:
     return "Warning" if cond.reason in FAILURE_REASONS else "Normal"
+
+
+def host_ioc(body: dict[str, Any]) -> HostIOC:
+    """An IOC's allocation facts, read from its raw body (valid or not)."""
+    meta, spec = body.get("metadata", {}), body.get("spec") or {}
+    status = body.get("status") or {}
+    explicit = (spec.get("network") or {}).get("ports") or {}
+    recorded = (status.get("ports") or {}) if status.get("mode") == "host" else {}
+    return HostIOC(
+        key=f"{meta.get('namespace')}/{meta.get('name')}",
+        node=(spec.get("scheduling") or {}).get("nodeName"),
+        explicit=tuple(explicit.get(k) for k in ("ca", "pvaServer", "pvaBroadcast")),
+        recorded=tuple(recorded.get(k) for k in ("ca", "pvaServer", "pvaBroadcast")),
+        created=meta.get("creationTimestamp") or "",
+    )

@@ -1,0 +1,106 @@
+"""Host-network port allocation. Pure: the host-mode IOCs in, one IOC's ports out.
+
+Several host-mode IOCs on one node must not share UDP 5064: unicast searches reach
+only one of the sockets bound to it. So each gets its own CA, PVA server and PVA
+broadcast ports, unique among the IOCs that can land on the same node (all of them,
+when either is not pinned to a node). Rules, in order:
+- explicit ports in the spec win; two IOCs asking for the same explicit port clash,
+  and the older one keeps it;
+- a recorded allocation (status.ports) is kept, so restarts never move an IOC, unless
+  an explicit port or an older IOC's recorded port now needs it;
+- a new port prefers the EPICS default, then the lowest free port in the range.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .render.ports import CA_PORT, PVA_BROADCAST_PORT, PVA_SERVER_PORT, ResolvedPorts
+
+CA_REPEATER_PORT = 5065  # every host's CA repeater listens here
+DEFAULT_RANGE = (5064, 5999)
+KINDS = ("ca", "pva_server", "pva_broadcast")
+DEFAULTS = {"ca": CA_PORT, "pva_server": PVA_SERVER_PORT, "pva_broadcast": PVA_BROADCAST_PORT}
+
+Ports = tuple[int | None, int | None, int | None]
+
+
+@dataclass(frozen=True)
+class HostIOC:
+    """What allocation needs to know of one host-mode IOC."""
+
+    key: str  # namespace/name
+    node: str | None  # the node it is pinned to; None: any node
+    explicit: Ports = (None, None, None)
+    recorded: Ports = (None, None, None)
+    created: str = ""  # creationTimestamp: the older IOC wins a clash
+
+    def may_share_node(self, other: HostIOC) -> bool:
+        return self.node is None or other.node is None or self.node == other.node
+
+    def older_than(self, other: HostIOC) -> bool:
+        return (self.created, self.key) < (other.created, other.key)
+
+    def ports(self) -> set[int]:
+        return {e or r for e, r in zip(self.explicit, self.recorded, strict=True)
+                if e or r}
+
+
+@dataclass(frozen=True)
+class Allocation:
+    ports: ResolvedPorts
+    clashes: tuple[str, ...] = ()  # keys of IOCs asking for one of our explicit ports
+    refused: str | None = None  # why this IOC cannot have its ports (it lost a clash)
+
+
+class PortRangeExhausted(ValueError):
+    pass
+
+
+def allocate(me: HostIOC, others: Iterable[HostIOC],
+             port_range: tuple[int, int] = DEFAULT_RANGE) -> Allocation:
+    neighbours = [o for o in others if o.key != me.key and me.may_share_node(o)]
+    explicit_owner: dict[int, HostIOC] = {}
+    for o in neighbours:
+        for port in o.explicit:
+            if port:
+                explicit_owner.setdefault(port, o)
+
+    clashes = sorted({explicit_owner[p].key for p in me.explicit if p in explicit_owner})
+    refused = None
+    lost = [explicit_owner[p] for p in me.explicit if p in explicit_owner
+            and explicit_owner[p].older_than(me)]
+    if lost:
+        taken_by = ", ".join(sorted({o.key for o in lost}))
+        refused = (f"spec.network.ports: explicit port(s) already taken on a shared node by "
+                   f"the older IOC(s) {taken_by}")
+
+    # Ports nobody else may take from us: explicit ones, and older recorded ones.
+    firm = set(explicit_owner)
+    for o in neighbours:
+        if o.older_than(me):
+            firm |= o.ports()
+    taken = firm | {p for o in neighbours for p in o.ports()}
+
+    chosen: dict[str, int] = {}
+    for kind, explicit, recorded in zip(KINDS, me.explicit, me.recorded, strict=True):
+        if explicit:
+            chosen[kind] = explicit
+        elif recorded and recorded not in firm and recorded not in chosen.values():
+            chosen[kind] = recorded
+    for kind in KINDS:
+        if kind not in chosen:
+            chosen[kind] = _free_port(kind, taken | set(chosen.values()) | set(
+                p for p in me.explicit if p), port_range)
+    return Allocation(ResolvedPorts(**chosen), tuple(clashes), refused)
+
+
+def _free_port(kind: str, taken: set[int], port_range: tuple[int, int]) -> int:
+    if DEFAULTS[kind] not in taken:
+        return DEFAULTS[kind]
+    low, high = port_range
+    for port in range(low, high + 1):
+        if port != CA_REPEATER_PORT and port not in taken:
+            return port
+    raise PortRangeExhausted(f"no free host port left in {low}-{high}")

@@ -1,0 +1,84 @@
+"""Host-port allocation rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from ioc_operator.allocation import HostIOC, PortRangeExhausted, allocate
+from ioc_operator.render.ports import ResolvedPorts
+
+
+def ports(a):
+    return (a.ports.ca, a.ports.pva_server, a.ports.pva_broadcast)
+
+
+def test_first_ioc_gets_epics_defaults():
+    assert ports(allocate(HostIOC("ns/a", "n1"), [])) == (5064, 5075, 5076)
+
+
+def test_second_ioc_on_the_node_gets_other_ports_never_the_repeater_port():
+    a = HostIOC("ns/a", "n1", recorded=(5064, 5075, 5076), created="1")
+    b = allocate(HostIOC("ns/b", "n1", created="2"), [a])
+    assert ports(b) == (5066, 5067, 5068)
+    assert 5065 not in ports(b)
+
+
+def test_iocs_pinned_to_different_nodes_may_share_ports():
+    a = HostIOC("ns/a", "n1", recorded=(5064, 5075, 5076))
+    assert ports(allocate(HostIOC("ns/b", "n2"), [a])) == (5064, 5075, 5076)
+
+
+def test_unpinned_ioc_is_unique_cluster_wide():
+    a = HostIOC("ns/a", "n1", recorded=(5064, 5075, 5076))
+    assert 5064 not in ports(allocate(HostIOC("ns/b", None), [a]))
+    c = HostIOC("ns/c", None, recorded=(5064, 5075, 5076))
+    assert 5064 not in ports(allocate(HostIOC("ns/d", "n9"), [c]))
+
+
+def test_recorded_allocation_is_stable():
+    others = [HostIOC(f"ns/o{i}", "n1", recorded=(6000 + i, 6100 + i, 6200 + i),
+                      created="0") for i in range(3)]
+    me = HostIOC("ns/me", "n1", recorded=(5070, 5071, 5072), created="5")
+    assert ports(allocate(me, others)) == (5070, 5071, 5072)
+    assert ports(allocate(me, list(reversed(others)))) == (5070, 5071, 5072)
+
+
+def test_explicit_ports_win_over_a_recorded_allocation():
+    me = HostIOC("ns/me", "n1", recorded=(5066, 5067, 5068), created="5")
+    newcomer = HostIOC("ns/x", "n1", explicit=(5066, None, None), created="9")
+    assert ports(allocate(me, [newcomer]))[0] != 5066
+    assert ports(allocate(me, [newcomer]))[1:] == (5067, 5068)
+
+
+def test_explicit_clash_reported_on_both_older_keeps_the_port():
+    old = HostIOC("ns/old", "n1", explicit=(5070, None, None), created="1")
+    new = HostIOC("ns/new", "n1", explicit=(5070, None, None), created="2")
+    a_old, a_new = allocate(old, [new]), allocate(new, [old])
+    assert a_old.clashes == ("ns/new",) and a_old.refused is None
+    assert a_new.clashes == ("ns/old",)
+    assert "spec.network.ports" in a_new.refused and "ns/old" in a_new.refused
+
+
+def test_partial_explicit_ports():
+    a = allocate(HostIOC("ns/a", "n1", explicit=(None, 5090, None)), [])
+    assert ports(a) == (5064, 5090, 5076)
+
+
+def test_no_duplicates_among_many_iocs_on_one_node():
+    placed: list[HostIOC] = []
+    for i in range(40):
+        me = HostIOC(f"ns/i{i:02}", "n1" if i % 3 else None, created=f"{i:03}")
+        got = allocate(me, placed)
+        placed.append(HostIOC(me.key, me.node, recorded=ports(got), created=me.created))
+    all_ports = [p for h in placed for p in h.recorded]
+    assert len(all_ports) == len(set(all_ports)) == 120
+
+
+def test_range_exhausted():
+    a = HostIOC("ns/a", "n1", recorded=(5064, 5075, 5076))
+    with pytest.raises(PortRangeExhausted, match="5064-5066"):
+        allocate(HostIOC("ns/b", "n1"), [a], port_range=(5064, 5066))
+
+
+def test_allocation_is_resolved_ports():
+    assert allocate(HostIOC("ns/a", None), []).ports == ResolvedPorts()
