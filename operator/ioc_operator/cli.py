@@ -50,25 +50,77 @@ def read_iocs(paths: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    from .allocation import HostIOC, PortRangeExhausted, allocate
+    from .models import NetworkMode
+    from .reconcile import host_ioc
     from .render import parse_ioc, render
 
     config = OperatorConfig.from_env()
     objects: list[dict[str, Any]] = []
-    count = 0
-    for source, doc in read_iocs(args.filename):
-        doc.setdefault("metadata", {}).setdefault("namespace", args.namespace)
-        try:
-            ioc = parse_ioc(doc)
-        except IOCValidationError as exc:
-            name = doc.get("metadata", {}).get("name", "?")
-            raise IOCValidationError(exc.field, f"{exc} (IOC {name} in {source})") from None
-        objects += render(ioc, config)
-        count += 1
-    if count == 0:
+    placed: list[HostIOC] = []
+    docs = list(read_iocs(args.filename))
+    if not docs:
         print(f"error: no {KIND} ({GROUP}) documents in {', '.join(args.filename)}",
               file=sys.stderr)
         return 2
+    for order, (source, doc) in enumerate(docs):
+        meta = doc.setdefault("metadata", {})
+        meta.setdefault("namespace", args.namespace)
+        where = f"(IOC {meta.get('name', '?')} in {source})"
+        try:
+            ioc = parse_ioc(doc)
+        except IOCValidationError as exc:
+            raise IOCValidationError(exc.field, f"{exc.message} {where}") from None
+        allocated = None
+        if ioc.spec.network.mode == NetworkMode.HOST:
+            # The same rules as the operator; file order stands in for creation order.
+            me = host_ioc({**doc, "metadata": {**meta, "creationTimestamp": f"{order:06}"}})
+            try:
+                allocation = allocate(me, placed, (config.host_port_min, config.host_port_max))
+            except PortRangeExhausted as exc:
+                raise IOCValidationError("spec.network.ports", f"{exc} {where}") from None
+            if allocation.refused:
+                raise IOCValidationError("spec.network.ports",
+                                         f"{allocation.refused} {where}")
+            allocated = allocation.ports
+            p = allocated
+            placed.append(HostIOC(me.key, me.node, me.explicit,
+                                  (p.ca, p.pva_server, p.pva_broadcast), me.created))
+        objects += render(ioc, config, allocated)
     sys.stdout.write(dump_all(objects))
+    return 0
+
+
+def cmd_client_env(args: argparse.Namespace) -> int:
+    from kubernetes import config as k8s_config
+
+    from .directory import PHOEBUS_KEY
+    from .kube import Kube, load_client
+
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    namespace = args.namespace
+    if not namespace:
+        try:
+            _, current = k8s_config.list_kube_config_contexts()
+            namespace = current.get("context", {}).get("namespace") or "default"
+        except (k8s_config.ConfigException, OSError):
+            namespace = "default"
+    config = OperatorConfig.from_env()
+    name = config.directory_name + ("-cluster" if args.cluster else "")
+    kube = Kube(load_client())
+    cm = kube.get("v1", "ConfigMap", namespace, name)
+    if cm is None:
+        print(f"error: no client directory {name} in namespace {namespace} "
+              "(no IOCs there yet, or the operator is not running)", file=sys.stderr)
+        return 1
+    data = cm.get("data") or {}
+    if args.format == "phoebus":
+        sys.stdout.write(data.get(PHOEBUS_KEY, ""))
+        return 0
+    for key in sorted(k for k in data if k.startswith("EPICS_")):
+        value = data[key].replace("'", "'\\''")
+        print(f"export {key}='{value}'" if args.format == "shell" else f"{key}={data[key]}")
     return 0
 
 
@@ -119,6 +171,16 @@ def parser() -> argparse.ArgumentParser:
     render.add_argument("-n", "--namespace", default="default",
                         help="namespace for IOCs that name none (default: default)")
     render.set_defaults(func=cmd_render)
+
+    env = sub.add_parser("client-env",
+                         help="print the EPICS client settings that reach every IOC")
+    env.add_argument("-n", "--namespace", help="namespace (default: the context's)")
+    env.add_argument("--cluster", action="store_true",
+                     help="the cluster-wide directory (IOC_OPERATOR_CLUSTER_DIRECTORY_NAMESPACE)")
+    env.add_argument("--format", choices=["shell", "env", "phoebus"], default="shell",
+                     help="shell: export lines (default); env: KEY=VALUE; phoebus: settings.ini")
+    env.add_argument("--kubeconfig", help="kubeconfig file")
+    env.set_defaults(func=cmd_client_env)
 
     crd = sub.add_parser("crd", help="print the IOC CustomResourceDefinition")
     crd.set_defaults(func=cmd_crd)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -91,6 +94,18 @@ def test_directory_tracks_iocs(kube, operator, namespace):
     time.sleep(1.0)
     assert kube.get("v1", "ConfigMap", namespace, DIRECTORY)["metadata"][
         "resourceVersion"] == version
+
+    # the CLI prints it for shells and phoebus
+    env = {**os.environ, "KUBECONFIG": str(operator.kubeconfig)}
+    out = subprocess.run([sys.executable, "-m", "ioc_operator.cli", "client-env", "-n",
+                          namespace], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "export EPICS_CA_AUTO_ADDR_LIST='NO'" in out.stdout
+    assert f"export EPICS_CA_ADDR_LIST='{data['EPICS_CA_ADDR_LIST']}'" in out.stdout
+    phoebus = subprocess.run([sys.executable, "-m", "ioc_operator.cli", "client-env", "-n",
+                              namespace, "--format", "phoebus"], capture_output=True,
+                             text=True, env=env, timeout=60)
+    assert "org.phoebus.pv.ca/auto_addr_list=false" in phoebus.stdout
 
     # deleted by hand: written again
     kube.delete("v1", "ConfigMap", namespace, DIRECTORY)

@@ -92,3 +92,36 @@ def test_rendered_pvagw_config_passes_pvagw_test_config(tmp_path, capsys):
     proc = subprocess.run([str(pvagw), "--test-config", str(conf)], capture_output=True,
                           text=True, timeout=60, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stderr
+
+
+def host_doc(name: str, **ports) -> str:
+    net = {"mode": "host", **({"ports": ports} if ports else {})}
+    return yaml.safe_dump({"apiVersion": "epics-operator.io/v1alpha1", "kind": "IOC",
+                           "metadata": {"name": name},
+                           "spec": {"image": "i", "prefix": f"{name}:", "network": net,
+                                    "scheduling": {"nodeName": "n1"}}})
+
+
+def test_render_allocates_host_ports_across_files(tmp_path, capsys):
+    files = []
+    for name in ("a", "b", "c"):
+        f = tmp_path / f"{name}.yaml"
+        f.write_text(host_doc(name))
+        files += ["-f", str(f)]
+    assert main(["render", *files]) == 0
+    seen = []
+    for doc in yaml.safe_load_all(capsys.readouterr().out):
+        env = {e["name"]: e["value"] for e in doc["spec"]["template"]["spec"]["containers"][0][
+            "env"]}
+        seen += [env["EPICS_CAS_SERVER_PORT"], env["EPICS_PVAS_SERVER_PORT"],
+                 env["EPICS_PVAS_BROADCAST_PORT"]]
+    assert len(seen) == len(set(seen)) == 9
+    assert seen[:3] == ["5064", "5075", "5076"]
+
+
+def test_render_refuses_explicit_port_clash(tmp_path, capsys):
+    f = tmp_path / "two.yaml"
+    f.write_text(host_doc("a", ca=5070) + "---\n" + host_doc("b", ca=5070))
+    assert main(["render", "-f", str(f)]) == 1
+    err = capsys.readouterr().err
+    assert "spec.network.ports" in err and "IOC b" in err and "default/a" in err
