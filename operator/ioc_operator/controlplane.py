@@ -59,7 +59,10 @@ SERVING_DNS_NAMES = (
     "kubernetes.default.svc.cluster.local",
 )
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
-COLD_BUILD_HINT = "a cold build from the Go module proxy takes about 25 min on 2 cores"
+COLD_BUILD_HINT = (
+    "a cold build from the Go module proxy takes about 6-7 min on 2 cores "
+    "(~600 MB of modules, ~4 GB of Go build cache); cached runs take < 1 s"
+)
 _LOG_TAIL_LINES = 40
 
 
@@ -706,8 +709,9 @@ class ControlPlane:
             "etcd": self._etcd_args(),
             "kube-apiserver": self._apiserver_args(pki),
             "kube-controller-manager": self._kcm_args(pki, kcm_kubeconfig),
-            "kube-scheduler": self._scheduler_args(sched_kubeconfig),
         }
+        if self.with_scheduler:
+            argvs["kube-scheduler"] = self._scheduler_args(sched_kubeconfig)
         assert self.bin_dir is not None
         for name, args in argvs.items():
             argv = [str(self.bin_dir / name), *args, *self.extra_args.get(name, ())]

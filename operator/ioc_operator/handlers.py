@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import json
 import logging
+import os
+import sys
 import threading
 from collections import defaultdict
 from typing import Any
@@ -12,6 +16,7 @@ import kopf
 
 from . import GROUP, PLURAL, VERSION
 from .allocation import Allocation, HostIOC, allocate
+from .conditions import Cond, merge_conditions, transitions
 from .config import OperatorConfig
 from .directory import COMPONENT as DIRECTORY_COMPONENT
 from .kube import Kube, KubeError, load_client
@@ -71,21 +76,44 @@ def _allocator(memo: kopf.Memo, index: kopf.Index) -> Any:
     return allocator
 
 
-def _run(body: dict[str, Any], memo: kopf.Memo, host_iocs: kopf.Index) -> dict[str, Any]:
-    """Reconcile, post events for condition changes, return the status to write."""
+def _write_status(memo: kopf.Memo, body: dict[str, Any], status: dict[str, Any],
+                  conds: list[Cond]) -> None:
+    """Merge `conds` into the IOC's current conditions and write; post an event for each
+    change. Callers hold the IOC's lock, so the reconcile and the probe, which own
+    different conditions, never drop each other's."""
+    meta = body["metadata"]
+    fresh = memo.kube.get(f"{GROUP}/{VERSION}", "IOC", meta["namespace"], meta["name"])
+    if fresh is None or fresh["metadata"]["uid"] != meta["uid"]:
+        return  # deleted meanwhile
+    old = fresh.get("status") or {}
+    current = old.get("conditions") or []
+    # observedGeneration: the generation this outcome was computed from, not the newest.
+    new = {**status, "conditions": merge_conditions(
+        current, conds, meta.get("generation"), _now())}
+    if any(old.get(k) != v for k, v in new.items()):  # a null in a merge patch deletes
+        try:
+            memo.kube.patch_status(f"{GROUP}/{VERSION}", "IOC", meta["namespace"],
+                                   meta["name"], new)
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
+            return
+    for cond in transitions(current, conds):
+        kopf.event(fresh, type=event_type(cond), reason=cond.reason, message=cond.message)
+
+
+def _run(body: dict[str, Any], memo: kopf.Memo, host_iocs: kopf.Index) -> None:
+    """Reconcile one IOC and write its status."""
     uid = body["metadata"]["uid"]
     with _locks[uid]:
         try:
-            outcome = reconcile(memo.kube, body, memo.config, _now(),
-                                _allocator(memo, host_iocs))
+            outcome = reconcile(memo.kube, body, memo.config, _allocator(memo, host_iocs))
+            _write_status(memo, body, outcome.status, outcome.conditions)
         except KubeError as exc:
             raise kopf.TemporaryError(f"API error, retrying: {exc}", delay=RETRY_DELAY) from exc
-    for cond in outcome.events:
-        kopf.event(body, type=event_type(cond), reason=cond.reason, message=cond.message)
     before = set((body.get("status") or {}).get("portClashes") or [])
     if before != set(outcome.clashes):
         _recheck(memo, sorted(before | set(outcome.clashes)), body)
-    return outcome.status
 
 
 def _recheck(memo: kopf.Memo, keys: list[str], body: dict[str, Any]) -> None:
@@ -106,14 +134,8 @@ def _recheck(memo: kopf.Memo, keys: list[str], body: dict[str, Any]) -> None:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
-def ioc_changed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo,
-                host_iocs: kopf.Index, **_: Any) -> None:
-    patch.status.update(_run(dict(body), memo, host_iocs))
-
-
-def _differs(new: dict[str, Any], old: dict[str, Any]) -> bool:
-    """A null in a merge patch deletes; compare what the status would become."""
-    return any(old.get(k) != v for k, v in new.items())
+def ioc_changed(body: kopf.Body, memo: kopf.Memo, host_iocs: kopf.Index, **_: Any) -> None:
+    _run(dict(body), memo, host_iocs)
 
 
 def _owner_ioc(body: kopf.Body) -> str | None:
@@ -135,19 +157,9 @@ def _child_event(body: kopf.Body, memo: kopf.Memo, logger: Any,
     if ioc is None or ioc["metadata"].get("deletionTimestamp"):
         return  # the garbage collector is removing it
     try:
-        status = _run(ioc, memo, host_iocs)
+        _run(ioc, memo, host_iocs)
     except kopf.TemporaryError as exc:
         logger.warning("reconcile of IOC %s/%s deferred: %s", namespace, name, exc)
-        return
-    if _differs(status, ioc.get("status") or {}):
-        try:
-            memo.kube.patch_status(f"{GROUP}/{VERSION}", "IOC", namespace, name, status)
-        except KubeError as exc:
-            if exc.status != 404:
-                raise
-            # Deleted meanwhile: anything re-applied since carries its uid as owner,
-            # so the garbage collector removes it.
-            logger.debug("IOC %s/%s vanished during reconcile", namespace, name)
 
 
 @kopf.on.event("apps", "v1", "statefulsets", labels=MANAGED)
@@ -201,3 +213,72 @@ def ioc_event(event: kopf.RawEvent, namespace: str, name: str, spec: kopf.Spec,
         with _claims_lock:
             _claims.pop(f"{namespace}/{name}", None)
     _publish(memo, client_envs, namespace)
+
+
+PROBE_TIMEOUT = 3.0
+MAX_BACKOFF = 300.0
+
+
+async def _probe(pv: str, env: dict[str, str]) -> dict[str, Any]:
+    """Run the probe in a child process with exactly the published settings (caproto
+    reads them from the environment), without blocking the event loop."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("EPICS_")}
+    args = [sys.executable, "-m", "ioc_operator.probe", "--pv", pv,
+            "--timeout", str(PROBE_TIMEOUT)]
+    args += ["--ca"] if "EPICS_CA_ADDR_LIST" in env else []
+    args += ["--pva"] if "EPICS_PVA_ADDR_LIST" in env else []
+    proc = await asyncio.create_subprocess_exec(
+        *args, env={**clean, **env}, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=4 * PROBE_TIMEOUT + 10)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return {"probe": {"ok": False, "error": "probe process timed out"}}
+    try:
+        return json.loads(out.decode() or "{}")
+    except ValueError:
+        return {"probe": {"ok": False, "error": f"probe failed (exit {proc.returncode})"}}
+
+
+def reachable_condition(result: dict[str, Any]) -> Cond:
+    """Pure: probe results in, the Reachable condition out."""
+    if not result:
+        return Cond("Reachable", None, "NoAddress", "no published address yet")
+    parts = [f"{proto.upper()} {r['ms']} ms" if r.get("ok") else
+             f"{proto.upper()} failed: {r.get('error')}" for proto, r in sorted(result.items())]
+    ok = all(r.get("ok") for r in result.values())
+    return Cond("Reachable", ok, "Reachable" if ok else "Unreachable",
+                "; ".join(parts) + " (with the published client settings)")
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0,
+             when=lambda spec, **_: bool((spec.get("probe") or {}).get("pv")))
+async def reachability(stopped: kopf.DaemonStopped, body: kopf.Body, spec: kopf.Spec,
+                       memo: kopf.Memo, logger: Any, **_: Any) -> None:
+    """Read the probe PV over each served protocol every period; back off while the IOC
+    is unreachable. The body is kopf's live view, so spec and status stay current."""
+    failures = 0
+    loop = asyncio.get_running_loop()
+    while not stopped:
+        probe = spec.get("probe") or {}
+        period = float(probe.get("periodSeconds") or 30)
+        env = dict((body.get("status") or {}).get("clientEnv") or {})
+        result = await _probe(probe["pv"], env) if env and probe.get("pv") else {}
+        cond = reachable_condition(result)
+        failures = 0 if cond.status else failures + 1
+        status = {"reachability": {k: v for k, v in result.items()} or None}
+        snapshot = dict(body)
+        try:
+            await loop.run_in_executor(None, _locked_write, memo, snapshot, status, cond)
+        except KubeError as exc:
+            logger.warning("could not write reachability: %s", exc)
+        delay = period if cond.status else min(period * 2 ** min(failures - 1, 5), MAX_BACKOFF)
+        await stopped.wait(delay)
+
+
+def _locked_write(memo: kopf.Memo, body: dict[str, Any], status: dict[str, Any],
+                  cond: Cond) -> None:
+    with _locks[body["metadata"]["uid"]]:
+        _write_status(memo, body, status, [cond])

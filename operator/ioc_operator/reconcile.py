@@ -13,7 +13,7 @@ from typing import Any
 
 from . import clientenv
 from .allocation import Allocation, HostIOC, PortRangeExhausted
-from .conditions import Cond, merge_conditions, transitions
+from .conditions import Cond
 from .config import OperatorConfig
 from .errors import IOCValidationError
 from .kube import Kube, KubeError
@@ -25,16 +25,17 @@ log = logging.getLogger(__name__)
 # Kinds the operator may delete again when an IOC no longer renders them (PVCs: never).
 PRUNABLE = (("v1", "Service"), ("v1", "ConfigMap"))
 FAILURE_REASONS = {"InvalidSpec", "Rejected", "PortConflict", "ExplicitPortClash",
-                   "PortRangeExhausted"}
+                   "PortRangeExhausted", "Unreachable"}
 Allocator = Callable[[IOC, dict[str, Any]], Allocation]
 
 
 @dataclass
 class Outcome:
-    """What a reconcile wants written: the status, and events for what changed."""
+    """What a reconcile wants written: status fields, and the conditions it owns (the
+    writer merges them into the IOC's current conditions; a change is an event)."""
 
     status: dict[str, Any]
-    events: list[Cond] = field(default_factory=list)
+    conditions: list[Cond] = field(default_factory=list)
     clashes: tuple[str, ...] = ()  # IOCs asking for one of this IOC's explicit host ports
 
 
@@ -45,7 +46,7 @@ class Observed:
     ready: bool = False
 
 
-def reconcile(kube: Kube, body: dict[str, Any], config: OperatorConfig, now: str,
+def reconcile(kube: Kube, body: dict[str, Any], config: OperatorConfig,
               allocator: Allocator | None = None) -> Outcome:
     """Bring the objects of one IOC in line with its spec. Raises KubeError only for
     passing faults (the caller retries); a user's mistake becomes a condition."""
@@ -57,13 +58,12 @@ def reconcile(kube: Kube, body: dict[str, Any], config: OperatorConfig, now: str
         if ioc.spec.network.mode == NetworkMode.HOST and allocator:
             allocation = allocator(ioc, body)
             if allocation.refused:
-                return _refused(body, "PortConflict", allocation.refused, generation, now,
-                                allocation.clashes)
+                return _refused("PortConflict", allocation.refused, allocation.clashes)
         objects = render(ioc, config, allocation.ports if allocation else None)
     except IOCValidationError as exc:
-        return _refused(body, "InvalidSpec", str(exc), generation, now)
+        return _refused("InvalidSpec", str(exc))
     except PortRangeExhausted as exc:
-        return _refused(body, "PortRangeExhausted", str(exc), generation, now)
+        return _refused("PortRangeExhausted", str(exc))
 
     # Dry-run everything first, so an object the API server refuses (a bad affinity, an
     # immutable field) leaves every object as it was: nothing half-applied.
@@ -74,26 +74,22 @@ def reconcile(kube: Kube, body: dict[str, Any], config: OperatorConfig, now: str
             if not exc.invalid:
                 raise
             where = f"{obj['kind']} {obj['metadata']['name']}"
-            return _refused(body, "Rejected", f"{where}: {exc.message}", generation, now)
+            return _refused("Rejected", f"{where}: {exc.message}")
 
     applied = [kube.apply(obj) for obj in objects]
     _prune(kube, ioc, objects)
     observed = _observe(kube, ioc, applied)
-    return _outcome(body, ioc, observed, generation, now, allocation)
+    return _outcome(ioc, observed, generation, allocation)
 
 
-def _refused(body: dict[str, Any], reason: str, message: str, generation: int | None,
-             now: str, clashes: tuple[str, ...] = ()) -> Outcome:
+def _refused(reason: str, message: str, clashes: tuple[str, ...] = ()) -> Outcome:
     """Keep what runs; say why the new spec was not applied."""
-    current = (body.get("status") or {}).get("conditions") or []
     conds = [
         Cond("Reconciled", False, reason, message),
         Cond("Ready", False, reason, f"{message} (the last applied configuration keeps running)"),
     ]
-    status = dict(body.get("status") or {})
-    status["conditions"] = merge_conditions(current, conds, generation, now)
-    status["portClashes"] = list(clashes) or None
-    return Outcome(status=status, events=transitions(current, conds), clashes=clashes)
+    return Outcome(status={"portClashes": list(clashes) or None}, conditions=conds,
+                   clashes=clashes)
 
 
 def _prune(kube: Kube, ioc: IOC, keep: list[dict[str, Any]]) -> None:
@@ -140,12 +136,11 @@ def _observe(kube: Kube, ioc: IOC, applied: list[dict[str, Any]]) -> Observed:
     return observed
 
 
-def _outcome(body: dict[str, Any], ioc: IOC, observed: Observed, generation: int | None,
-             now: str, allocation: Allocation | None) -> Outcome:
+def _outcome(ioc: IOC, observed: Observed, generation: int | None,
+             allocation: Allocation | None) -> Outcome:
     spec = ioc.spec
     ports = resolve_ports(spec, allocation.ports if allocation else None)
     clashes = allocation.clashes if allocation else ()
-    current = (body.get("status") or {}).get("conditions") or []
     status: dict[str, Any] = {
         "observedGeneration": generation,
         "mode": spec.network.mode.value,
@@ -175,8 +170,7 @@ def _outcome(body: dict[str, Any], ioc: IOC, observed: Observed, generation: int
                  f"explicit host port(s) also requested by {', '.join(clashes)}; the older "
                  "IOC keeps them") if clashes else
             Cond("PortConflict", False, "NoConflict", "host ports are unique on the node"))
-    status["conditions"] = merge_conditions(current, conds, generation, now)
-    return Outcome(status=status, events=transitions(current, conds), clashes=clashes)
+    return Outcome(status=status, conditions=conds, clashes=clashes)
 
 
 def event_type(cond: Cond) -> str:
