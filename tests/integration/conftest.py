@@ -86,10 +86,14 @@ def api_client(control_plane: ControlPlane) -> Iterator[client.ApiClient]:
 
 @pytest.fixture
 def namespace(api_client: client.ApiClient) -> Iterator[str]:
-    """A fresh namespace, deleted (without waiting) after the test."""
+    """A fresh namespace with its `default` ServiceAccount; deleted (no wait) afterwards."""
     name = f"t-{uuid.uuid4().hex[:10]}"
     core = client.CoreV1Api(api_client)
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    for _ in range(100):  # the serviceaccount controller takes milliseconds; bound: ~10 s
+        if core.list_namespaced_service_account(name, field_selector="metadata.name=default").items:
+            break
+        time.sleep(0.1)
     yield name
     core.delete_namespace(name)
 
