@@ -314,7 +314,7 @@ class Lab:
         self._closed = False
         self._started = False
         self._lock = threading.RLock()
-        self.tmpdir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
+        self.tmpdir = Path(tempfile.gettempdir()) / self.prefix  # created by start()
         self._marker = STATE_DIR / f"{self.run_id}.json"
 
     # ------------------------------------------------------------------ lifecycle
@@ -336,6 +336,7 @@ class Lab:
             _LIVE.add(self)
         _install_handlers()
         self._started = True
+        self.tmpdir.mkdir(mode=0o700)
         try:
             self._add_netns(self.fabric_ns)
             self._ip(self.fabric_ns, "link add br0 type bridge")
@@ -353,6 +354,8 @@ class Lab:
             if self._closed:
                 return
             self._closed = True
+        if not self._started:
+            return
         try:
             for popen in reversed(self.processes):
                 with contextlib.suppress(Exception):
@@ -433,10 +436,12 @@ class Lab:
             node = Node(index=index, ns=ns, ip=_check_lab_address(ip), pod_block=block)
             self._add_netns(ns)
             fab_if = _check_ifname(f"veth-n{index}")
-            run(["ip", "link", "add", "eth0", "netns", ns, "type", "veth",
-                 "peer", "name", fab_if, "netns", self.fabric_ns])  # fmt: skip
+            self._ip(
+                None,
+                f"link add eth0 netns {ns} type veth peer name {fab_if} netns {self.fabric_ns}",
+            )
             self._ip(self.fabric_ns, f"link set {fab_if} master br0 up")
-            self._ip(ns, f"addr add {ip}/{NODE_NET.prefixlen} dev eth0")
+            self._ip(ns, f"addr add {ip}/{NODE_NET.prefixlen} brd + dev eth0")
             self._ip(ns, "link set eth0 up")
             # ClusterIPs need a route before the OUTPUT NAT hook, and proxy ARP answers only
             # for addresses routed out of another device: route both out of eth0 (a real
@@ -474,8 +479,9 @@ class Lab:
             digest = hashlib.sha1(f"{self.run_id}/{name}".encode()).hexdigest()
             host_if = _check_ifname(f"cali{digest[:11]}")
             self._add_netns(ns)
-            run(["ip", "link", "add", "eth0", "netns", ns, "type", "veth",
-                 "peer", "name", host_if, "netns", node.ns])  # fmt: skip
+            self._ip(
+                None, f"link add eth0 netns {ns} type veth peer name {host_if} netns {node.ns}"
+            )
             self._ip(node.ns, f"link set {host_if} address {CALICO_MAC}")
             self._sh(
                 node.ns,
@@ -497,9 +503,7 @@ class Lab:
     def _iptables(self, ns: str, args: list[str]) -> None:
         run(["ip", "netns", "exec", ns, "iptables", "-w", "5", *args])
 
-    def add_service(
-        self, cluster_ip: str, ports: Iterable[ServicePort], backend_ip: str
-    ) -> None:
+    def add_service(self, cluster_ip: str, ports: Iterable[ServicePort], backend_ip: str) -> None:
         """kube-proxy-like ClusterIP: DNAT ``cluster_ip:port`` to ``backend_ip:target``.
 
         One rule per (protocol, port) in every node's nat ``LAB-SERVICES`` chain, which is
@@ -517,11 +521,11 @@ class Lab:
                 if proto not in ("tcp", "udp"):
                     raise LabError(f"protocol {proto!r} is not tcp or udp")
                 svc.ports.append((proto, int(port), int(target)))
-                svc.rules.append([
-                    "-d", f"{cluster_ip}/32", "-p", proto, "-m", proto, "--dport", str(port),
-                    "-m", "comment", "--comment", f"svc {cluster_ip}",
-                    "-j", "DNAT", "--to-destination", f"{backend_ip}:{target}",
-                ])  # fmt: skip
+                svc.rules.append(
+                    f"-d {cluster_ip}/32 -p {proto} -m {proto} --dport {port} "
+                    f"-m comment --comment svc:{cluster_ip} "
+                    f"-j DNAT --to-destination {backend_ip}:{target}".split()
+                )
             for node in self.nodes:
                 for rule in svc.rules:
                     self._iptables(node.ns, ["-t", "nat", "-A", SERVICE_CHAIN, *rule])
@@ -536,11 +540,13 @@ class Lab:
             for node in self.nodes:
                 for rule in svc.rules:
                     self._iptables(node.ns, ["-t", "nat", "-D", SERVICE_CHAIN, *rule])
-            if svc.rules:
+            if svc.rules and shutil.which("conntrack"):
                 for node in self.nodes:
                     # Drop conntrack entries so a later service on this IP starts clean.
-                    run(["ip", "netns", "exec", node.ns, "conntrack", "-D", "-d", cluster_ip],
-                        check=False)  # fmt: skip
+                    run(
+                        ["ip", "netns", "exec", node.ns, "conntrack", "-D", "-d", cluster_ip],
+                        check=False,
+                    )
 
     def nat_rules(self, node: Node | int = 0) -> list[str]:
         """``iptables -t nat -S`` of a node (for inspection and tests)."""
