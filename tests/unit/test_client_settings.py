@@ -27,7 +27,8 @@ def test_rsrv_and_pvxs_in_pod_mode_get_name_servers():
 
 def test_caproto_and_pcas_are_not_name_servers():
     for impl in ("caproto", "pcas"):
-        env = settings(servers={"ca": {"implementation": impl}, "pva": {"enabled": False}})
+        env = settings(network={"mode": "host"},
+                       servers={"ca": {"implementation": impl}, "pva": {"enabled": False}})
         assert env == {"EPICS_CA_AUTO_ADDR_LIST": "NO", "EPICS_CA_ADDR_LIST": "198.19.0.10"}
 
 

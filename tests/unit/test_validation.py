@@ -67,3 +67,13 @@ def test_ca_port_colliding_with_gateway_internal_port():
     with pytest.raises(IOCValidationError) as info:
         make_ioc(network={"mode": "sidecar", "ports": {"ca": 15075}})
     assert info.value.field == "spec.network.ports.ca"
+
+
+@pytest.mark.parametrize("mode", ["pod", "sidecar"])
+def test_pcas_needs_host_mode(mode):
+    servers = {"ca": {"implementation": "pcas"}, "pva": {"enabled": mode == "sidecar"}}
+    with pytest.raises(IOCValidationError) as info:
+        make_ioc(network={"mode": mode}, servers=servers)
+    assert info.value.field == "spec.servers.ca.implementation"
+    assert "network.mode: host" in str(info.value)
+    make_ioc(network={"mode": "host"}, servers=servers)

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from .. import capabilities
 from ..config import OperatorConfig
 from ..errors import IOCValidationError
-from ..models import IOC, NetworkMode
+from ..models import IOC, CAImplementation, NetworkMode
 from . import pvagw
 from .ports import ResolvedPorts, resolve_ports
 from .service import service
@@ -50,6 +50,13 @@ def check_semantics(ioc: IOC) -> None:
                 "a classic PVA server does not answer name-server (TCP) searches: use "
                 "network.mode: sidecar, whose pvagw answers them",
             )
+    if (spec.servers.ca.enabled and spec.servers.ca.implementation == CAImplementation.PCAS
+            and spec.network.mode != NetworkMode.HOST):
+        raise IOCValidationError(
+            "spec.servers.ca.implementation",
+            "the portable CA server (pcas, pcaspy) needs an interface with a broadcast "
+            "address and aborts in a /32 pod network (Calico, ptp): use network.mode: host",
+        )
     if spec.network.mode == NetworkMode.SIDECAR:
         gw = spec.pva_gateway
         ports = resolve_ports(spec)
