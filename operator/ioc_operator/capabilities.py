@@ -9,10 +9,10 @@ from __future__ import annotations
 from .models import CAImplementation, IOCSpec, NetworkMode, PVAImplementation
 
 # CA servers that answer a search sent over a TCP circuit (EPICS_CA_NAME_SERVERS).
-# caproto's circuit rejects libca's TCP search frame. pcas is treated as UDP-only until
-# the lab shows otherwise (tests/lab pins whichever way it goes).
+# caproto's circuit rejects libca's TCP search frame; rsrv and pcas answer it
+# (docs/lab.md, re-measured; tests/lab pins it).
 CA_TCP_SEARCH = {CAImplementation.RSRV: True, CAImplementation.CAPROTO: False,
-                 CAImplementation.PCAS: False}
+                 CAImplementation.PCAS: True}
 
 # PVA servers that answer a search on a TCP connection (EPICS_PVA_NAME_SERVERS):
 # PVXS does; classic pvAccessCPP replies over UDP to port 0.

@@ -113,7 +113,7 @@ class CAServer(Model):
             "Which CA server the IOC runs. rsrv: an EPICS Base IOC (softIoc, "
             "epicscorelibs/pvxslibs IOCs, pythonSoftIOC), answers UDP and TCP name-server "
             "searches. caproto: a caproto server, answers UDP searches only. pcas: the "
-            "portable CA server (pcaspy), answers UDP searches only and needs "
+            "portable CA server (pcaspy), answers UDP and TCP searches and needs "
             "network.mode host (it aborts without a broadcast-capable interface)."
         ),
     )

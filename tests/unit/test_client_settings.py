@@ -25,11 +25,12 @@ def test_rsrv_and_pvxs_in_pod_mode_get_name_servers():
     }
 
 
-def test_caproto_and_pcas_are_not_name_servers():
-    for impl in ("caproto", "pcas"):
-        env = settings(network={"mode": "host"},
-                       servers={"ca": {"implementation": impl}, "pva": {"enabled": False}})
-        assert env == {"EPICS_CA_AUTO_ADDR_LIST": "NO", "EPICS_CA_ADDR_LIST": "198.19.0.10"}
+def test_caproto_is_not_a_name_server_pcas_is():
+    env = settings(servers={"ca": {"implementation": "caproto"}, "pva": {"enabled": False}})
+    assert env == {"EPICS_CA_AUTO_ADDR_LIST": "NO", "EPICS_CA_ADDR_LIST": "198.19.0.10"}
+    env = settings(network={"mode": "host"},
+                   servers={"ca": {"implementation": "pcas"}, "pva": {"enabled": False}})
+    assert env["EPICS_CA_NAME_SERVERS"] == "198.19.0.10:5064"
 
 
 def test_classic_pva_in_pod_mode_is_reached_by_address_list_only():
