@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from .render.ports import CA_PORT, PVA_BROADCAST_PORT, PVA_SERVER_PORT, ResolvedPorts
 
@@ -73,8 +74,7 @@ def allocate(me: HostIOC, others: Iterable[HostIOC],
             and explicit_owner[p].older_than(me)]
     if lost:
         taken_by = ", ".join(sorted({o.key for o in lost}))
-        refused = (f"spec.network.ports: explicit port(s) already taken on a shared node by "
-                   f"the older IOC(s) {taken_by}")
+        refused = f"explicit port(s) already taken on a shared node by the older IOC(s) {taken_by}"
 
     # Ports nobody else may take from us: explicit ones, and older recorded ones.
     firm = set(explicit_owner)
@@ -104,3 +104,25 @@ def _free_port(kind: str, taken: set[int], port_range: tuple[int, int]) -> int:
         if port != CA_REPEATER_PORT and port not in taken:
             return port
     raise PortRangeExhausted(f"no free host port left in {low}-{high}")
+
+
+def host_ioc(body: dict[str, Any]) -> HostIOC:
+    """An IOC's allocation facts, read from its raw body (valid or not)."""
+    meta, spec = body.get("metadata", {}), body.get("spec") or {}
+    status = body.get("status") or {}
+    explicit = (spec.get("network") or {}).get("ports") or {}
+    recorded = (status.get("ports") or {}) if status.get("mode") == "host" else {}
+    return HostIOC(
+        key=f"{meta.get('namespace')}/{meta.get('name')}",
+        node=(spec.get("scheduling") or {}).get("nodeName"),
+        explicit=tuple(explicit.get(k) for k in ("ca", "pvaServer", "pvaBroadcast")),
+        recorded=tuple(recorded.get(k) for k in ("ca", "pvaServer", "pvaBroadcast")),
+        created=meta.get("creationTimestamp") or "",
+    )
+
+
+def placed(me: HostIOC, allocation: Allocation) -> HostIOC:
+    """`me` holding the ports it was just given."""
+    p = allocation.ports
+    return HostIOC(me.key, me.node, me.explicit, (p.ca, p.pva_server, p.pva_broadcast),
+                   me.created)

@@ -50,43 +50,23 @@ def read_iocs(paths: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from .allocation import HostIOC, PortRangeExhausted, allocate
-    from .models import NetworkMode
-    from .reconcile import host_ioc
-    from .render import parse_ioc, render
+    from .render import parse_ioc, render_all
 
-    config = OperatorConfig.from_env()
-    objects: list[dict[str, Any]] = []
-    placed: list[HostIOC] = []
     docs = list(read_iocs(args.filename))
     if not docs:
         print(f"error: no {KIND} ({GROUP}) documents in {', '.join(args.filename)}",
               file=sys.stderr)
         return 2
-    for order, (source, doc) in enumerate(docs):
+    iocs = []
+    for source, doc in docs:
         meta = doc.setdefault("metadata", {})
         meta.setdefault("namespace", args.namespace)
-        where = f"(IOC {meta.get('name', '?')} in {source})"
         try:
-            ioc = parse_ioc(doc)
+            iocs.append(parse_ioc(doc))
         except IOCValidationError as exc:
-            raise IOCValidationError(exc.field, f"{exc.message} {where}") from None
-        allocated = None
-        if ioc.spec.network.mode == NetworkMode.HOST:
-            # The same rules as the operator; file order stands in for creation order.
-            me = host_ioc({**doc, "metadata": {**meta, "creationTimestamp": f"{order:06}"}})
-            try:
-                allocation = allocate(me, placed, (config.host_port_min, config.host_port_max))
-            except PortRangeExhausted as exc:
-                raise IOCValidationError("spec.network.ports", f"{exc} {where}") from None
-            if allocation.refused:
-                raise IOCValidationError("spec.network.ports",
-                                         f"{allocation.refused} {where}")
-            allocated = allocation.ports
-            p = allocated
-            placed.append(HostIOC(me.key, me.node, me.explicit,
-                                  (p.ca, p.pva_server, p.pva_broadcast), me.created))
-        objects += render(ioc, config, allocated)
+            raise IOCValidationError(
+                exc.field, f"{exc.message} (IOC {meta.get('name', '?')} in {source})") from None
+    objects = [obj for r in render_all(iocs, OperatorConfig.from_env()) for obj in r.objects]
     sys.stdout.write(dump_all(objects))
     return 0
 

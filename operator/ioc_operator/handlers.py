@@ -15,14 +15,14 @@ from typing import Any
 import kopf
 
 from . import GROUP, PLURAL, VERSION
-from .allocation import Allocation, HostIOC, allocate
+from .allocation import Allocation, allocate, host_ioc, placed
 from .conditions import Cond, merge_conditions, transitions
 from .config import OperatorConfig
 from .directory import COMPONENT as DIRECTORY_COMPONENT
 from .kube import Kube, KubeError, load_client
 from .models import IOC
 from .publish import DirectoryPublisher
-from .reconcile import event_type, host_ioc, reconcile
+from .reconcile import event_type, reconcile
 from .render.names import MANAGED_BY
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ RECHECK_ANNOTATION = f"{GROUP}/recheck-ports"
 _locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 # Host-port allocations made but maybe not yet seen in the index (status written after
 # the handler returns), so two IOCs reconciled at once never pick the same port.
-_claims: dict[str, HostIOC] = {}
+_claims: dict[str, Any] = {}  # key -> HostIOC
 _claims_lock = threading.Lock()
 
 
@@ -69,9 +69,7 @@ def _allocator(memo: kopf.Memo, index: kopf.Index) -> Any:
             port_range = (memo.config.host_port_min, memo.config.host_port_max)
             allocation = allocate(me, others.values(), port_range)
             if not allocation.refused:
-                p = allocation.ports
-                _claims[me.key] = HostIOC(me.key, me.node, me.explicit,
-                                          (p.ca, p.pva_server, p.pva_broadcast), me.created)
+                _claims[me.key] = placed(me, allocation)
         return allocation
     return allocator
 

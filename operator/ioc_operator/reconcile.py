@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import clientenv
-from .allocation import Allocation, HostIOC, PortRangeExhausted
+from .allocation import Allocation, PortRangeExhausted
 from .conditions import Cond
 from .config import OperatorConfig
 from .errors import IOCValidationError
@@ -58,7 +58,8 @@ def reconcile(kube: Kube, body: dict[str, Any], config: OperatorConfig,
         if ioc.spec.network.mode == NetworkMode.HOST and allocator:
             allocation = allocator(ioc, body)
             if allocation.refused:
-                return _refused("PortConflict", allocation.refused, allocation.clashes)
+                return _refused("PortConflict", f"spec.network.ports: {allocation.refused}",
+                                allocation.clashes)
         objects = render(ioc, config, allocation.ports if allocation else None)
     except IOCValidationError as exc:
         return _refused("InvalidSpec", str(exc))
@@ -176,17 +177,3 @@ def _outcome(ioc: IOC, observed: Observed, generation: int | None,
 def event_type(cond: Cond) -> str:
     return "Warning" if cond.reason in FAILURE_REASONS else "Normal"
 
-
-def host_ioc(body: dict[str, Any]) -> HostIOC:
-    """An IOC's allocation facts, read from its raw body (valid or not)."""
-    meta, spec = body.get("metadata", {}), body.get("spec") or {}
-    status = body.get("status") or {}
-    explicit = (spec.get("network") or {}).get("ports") or {}
-    recorded = (status.get("ports") or {}) if status.get("mode") == "host" else {}
-    return HostIOC(
-        key=f"{meta.get('namespace')}/{meta.get('name')}",
-        node=(spec.get("scheduling") or {}).get("nodeName"),
-        explicit=tuple(explicit.get(k) for k in ("ca", "pvaServer", "pvaBroadcast")),
-        recorded=tuple(recorded.get(k) for k in ("ca", "pvaServer", "pvaBroadcast")),
-        created=meta.get("creationTimestamp") or "",
-    )

@@ -124,4 +124,5 @@ def test_render_refuses_explicit_port_clash(tmp_path, capsys):
     f.write_text(host_doc("a", ca=5070) + "---\n" + host_doc("b", ca=5070))
     assert main(["render", "-f", str(f)]) == 1
     err = capsys.readouterr().err
-    assert "spec.network.ports" in err and "IOC b" in err and "default/a" in err
+    assert err.count("spec.network.ports") == 1
+    assert "IOC default/b" in err and "older IOC(s) default/a" in err

@@ -6,6 +6,7 @@ are told comes from `clientenv`. Both are deterministic functions of their input
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -20,7 +21,7 @@ from .service import service
 from .storage import autosave_claim
 from .workload import stateful_set
 
-__all__ = ["ResolvedPorts", "parse_ioc", "render", "resolve_ports"]
+__all__ = ["Rendered", "ResolvedPorts", "parse_ioc", "render", "render_all", "resolve_ports"]
 
 
 def parse_ioc(body: dict[str, Any]) -> IOC:
@@ -91,3 +92,39 @@ def render(
         objects.append(service(ioc, ports))
     objects.append(stateful_set(ioc, ports, config, config_hash))
     return objects
+
+
+@dataclass(frozen=True)
+class Rendered:
+    ioc: IOC
+    ports: ResolvedPorts
+    objects: list[dict[str, Any]]
+
+
+def render_all(iocs: list[IOC], config: OperatorConfig | None = None) -> list[Rendered]:
+    """Render several IOCs, allocating host ports across them as the operator does
+    (list order stands in for creation order). Raises IOCValidationError on a clash."""
+    from ..allocation import PortRangeExhausted, allocate, host_ioc, placed
+
+    config = config or OperatorConfig()
+    port_range = (config.host_port_min, config.host_port_max)
+    holders = []
+    out = []
+    for order, ioc in enumerate(iocs):
+        allocated = None
+        where = f"(IOC {ioc.metadata.namespace}/{ioc.metadata.name})"
+        if ioc.spec.network.mode == NetworkMode.HOST:
+            body = {"metadata": {**ioc.metadata.model_dump(), "creationTimestamp": f"{order:06}"},
+                    "spec": ioc.spec.model_dump(by_alias=True)}
+            me = host_ioc(body)
+            try:
+                allocation = allocate(me, holders, port_range)
+            except PortRangeExhausted as exc:
+                raise IOCValidationError("spec.network.ports", f"{exc} {where}") from None
+            if allocation.refused:
+                raise IOCValidationError("spec.network.ports", f"{allocation.refused} {where}")
+            holders.append(placed(me, allocation))
+            allocated = allocation.ports
+        out.append(Rendered(ioc, resolve_ports(ioc.spec, allocated),
+                            render(ioc, config, allocated)))
+    return out
