@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import datetime
+import functools
 import json
 import logging
 import os
@@ -53,6 +55,8 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="kopf.epics-operator.io", key="last-handled-configuration"
     )
+    # Daemons (the probe) need a finalizer so kopf can stop them before deletion.
+    settings.persistence.finalizer = f"{GROUP}/operator"
     settings.watching.server_timeout = 300
     memo.config = OperatorConfig.from_env()
     memo.kube = Kube(load_client())
@@ -269,7 +273,10 @@ async def reachability(stopped: kopf.DaemonStopped, body: kopf.Body, spec: kopf.
         status = {"reachability": {k: v for k, v in result.items()} or None}
         snapshot = dict(body)
         try:
-            await loop.run_in_executor(None, _locked_write, memo, snapshot, status, cond)
+            # copy_context: kopf.event() needs kopf's context variables in that thread
+            write = functools.partial(contextvars.copy_context().run, _locked_write,
+                                      memo, snapshot, status, cond)
+            await loop.run_in_executor(None, write)
         except KubeError as exc:
             logger.warning("could not write reachability: %s", exc)
         delay = period if cond.status else min(period * 2 ** min(failures - 1, 5), MAX_BACKOFF)
