@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup system-deps controlplane test unit lint crd clean
+.PHONY: setup system-deps controlplane demo test unit lint crd clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,6 +23,10 @@ system-deps:
 ## controlplane: build (or reuse) etcd, kube-apiserver, ... from the Go module proxy
 controlplane:
 	bash tests/controlplane/build.sh >/dev/null
+
+## demo: the examples on a throwaway control plane and broadcast-less lab (root for the lab)
+demo: setup system-deps
+	$(VENV)/bin/ioc-operator demo
 
 ## test: lint, then every test (unit, real control plane, network lab)
 test: setup system-deps controlplane

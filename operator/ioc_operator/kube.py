@@ -24,10 +24,11 @@ PLURALS = {
     "StatefulSet": "statefulsets",
     "Pod": "pods",
     "Node": "nodes",
+    "Namespace": "namespaces",
     "Event": "events",
     "IOC": "iocs",
 }
-CLUSTER_SCOPED = {"Node"}
+CLUSTER_SCOPED = {"Node", "Namespace"}
 
 
 class KubeError(Exception):
@@ -93,7 +94,10 @@ class Kube:
         resp = self.api.call_api(m, full_url, header_params=headers, body=data,
                                  _request_timeout=self.timeout)
         resp.read()
-        payload = json.loads(resp.data) if resp.data else None
+        try:
+            payload = json.loads(resp.data) if resp.data else None
+        except ValueError:  # e.g. "404 page not found" for a resource not served yet
+            payload = resp.data.decode(errors="replace").strip()
         if resp.status >= 400:
             message = payload.get("message", "") if isinstance(payload, dict) else str(payload)
             reason = payload.get("reason", "") if isinstance(payload, dict) else ""
