@@ -12,14 +12,15 @@ def test_demo_reaches_every_example_ioc():
     print(proc.stdout[-4000:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "demo passed" in proc.stdout
-    table = proc.stdout.split("IOC ", 1)[1]
-    rows = [line for line in table.splitlines()[1:] if line and not line.startswith("==>")]
-    rows = [r for r in rows if not r.startswith("demo ")]
+    lines = proc.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("IOC ") and "MODE" in line)
+    rows = [line.split() for line in lines[head + 1:] if line and not line.startswith(
+        ("==>", "demo "))]
     assert len(rows) >= 6
-    assert all("FAIL" not in r for r in rows)
-    assert sum(" host " in r for r in rows) >= 2  # two host-mode IOCs share a node
-    assert {"host", "pod", "sidecar"} <= {r.split()[1] for r in rows}
+    assert all("FAIL" not in " ".join(r) for r in rows)
+    assert sum(r[1] == "host" for r in rows) >= 2  # two host-mode IOCs share a node
+    assert {"host", "pod", "sidecar"} <= {r[1] for r in rows}
     # every IOC Ready in `kubectl get iocs`
-    listing = proc.stdout.split("kubectl get iocs", 1)[1].split("\n\n", 1)[0]
-    iocs = [line.split() for line in listing.splitlines()[2:] if line.strip()]
-    assert iocs and all(cols[2] == "True" for cols in iocs), listing
+    top = next(i for i, line in enumerate(lines) if line.startswith("NAME ") and "READY" in line)
+    listing = [line.split() for line in lines[top + 1:top + 1 + len(rows)]]
+    assert all(cols[2] == "True" for cols in listing), listing
