@@ -167,6 +167,7 @@ def _child_event(body: kopf.Body, memo: kopf.Memo, logger: Any,
 @kopf.on.event("apps", "v1", "statefulsets", labels=MANAGED)
 @kopf.on.event("", "v1", "services", labels=MANAGED)
 @kopf.on.event("", "v1", "configmaps", labels=MANAGED)
+@kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED)
 def owned_object_event(body: kopf.Body, memo: kopf.Memo, logger: Any,
                        client_envs: kopf.Index, host_iocs: kopf.Index, **_: Any) -> None:
     labels = body.get("metadata", {}).get("labels") or {}

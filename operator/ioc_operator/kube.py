@@ -22,6 +22,7 @@ PLURALS = {
     "Service": "services",
     "PersistentVolumeClaim": "persistentvolumeclaims",
     "StatefulSet": "statefulsets",
+    "NetworkPolicy": "networkpolicies",
     "Pod": "pods",
     "Node": "nodes",
     "Namespace": "namespaces",

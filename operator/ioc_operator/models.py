@@ -160,6 +160,11 @@ class Network(Model):
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel(
+                    "!has(self.allowedNamespaces) || self.mode != 'host'",
+                    "allowedNamespaces needs network.mode pod or sidecar: NetworkPolicies "
+                    "do not apply to host-network pods",
+                ),
+                cel(
                     "!has(self.ports) || !has(self.ports.pvaServer) || "
                     "!has(self.ports.pvaBroadcast) || "
                     "self.ports.pvaServer != self.ports.pvaBroadcast",
@@ -180,6 +185,16 @@ class Network(Model):
         ),
     )
     ports: Ports = Field(default_factory=Ports, description="Explicit ports.")
+    allowed_namespaces: list[Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]] | None = (
+        Field(
+            default=None,
+            description=(
+                "Pod and sidecar modes: render a NetworkPolicy that admits the IOC's EPICS "
+                "ports only from these namespaces (include the IOC's own, and the "
+                "operator's for reachability probes). Unset: no policy."
+            ),
+        )
+    )
     require_name_servers: bool = Field(
         default=False,
         description=(
@@ -338,6 +353,11 @@ class IOCSpec(Model):
         if self.network.mode == NetworkMode.SIDECAR and not self.servers.pva.enabled:
             raise ValueError(
                 "network.mode sidecar fronts the IOC's PVA server: enable servers.pva"
+            )
+        if self.network.allowed_namespaces is not None and self.network.mode == NetworkMode.HOST:
+            raise ValueError(
+                "allowedNamespaces needs network.mode pod or sidecar: NetworkPolicies do not "
+                "apply to host-network pods"
             )
         ports = self.network.ports
         if ports.pva_server is not None and ports.pva_server == ports.pva_broadcast:

@@ -23,7 +23,7 @@ from .render import names, parse_ioc, render, resolve_ports
 log = logging.getLogger(__name__)
 
 # Kinds the operator may delete again when an IOC no longer renders them (PVCs: never).
-PRUNABLE = (("v1", "Service"), ("v1", "ConfigMap"))
+PRUNABLE = (("v1", "Service"), ("v1", "ConfigMap"), ("networking.k8s.io/v1", "NetworkPolicy"))
 FAILURE_REASONS = {"InvalidSpec", "Rejected", "PortConflict", "ExplicitPortClash",
                    "PortRangeExhausted", "Unreachable"}
 Allocator = Callable[[IOC, dict[str, Any]], Allocation]

@@ -169,6 +169,8 @@ def test_mode_change_prunes_the_service(kube, operator, namespace):
         ({"network": {"ports": {"ca": 80}}}, "should be greater than or equal to 1024"),
         ({"servers": {"ca": {"enabled": False}, "pva": {"enabled": False}}},
          "an IOC must serve CA or PVA"),
+        ({"network": {"mode": "host", "allowedNamespaces": ["ops"]}},
+         "allowedNamespaces needs network.mode pod or sidecar"),
     ],
 )
 def test_api_server_rejects_schema_violations(kube, namespace, spec, words):
@@ -227,3 +229,19 @@ def test_operator_restart_converges_without_duplicates(kube, operator, namespace
     svcs = kube.list("v1", "Service", namespace, selector)
     assert sorted(s["metadata"]["name"] for s in sts) == [f"ioc-r{i}" for i in range(5)]
     assert sorted(s["metadata"]["name"] for s in svcs) == [f"ioc-r{i}" for i in range(5)]
+
+
+def test_network_policy_applied_and_pruned(kube, operator, namespace):
+    kube.create(ioc_manifest("ioc-np", namespace,
+                             network={"allowedNamespaces": [namespace, "ops"]}))
+    ioc = wait_for("reconcile", lambda: reconciled(kube, namespace, "ioc-np"))
+    policy = wait_for("policy", lambda: kube.get("networking.k8s.io/v1", "NetworkPolicy",
+                                                 namespace, "ioc-np"))
+    assert owned_by(policy, ioc)
+    ports = {(p["protocol"], p["port"]) for p in policy["spec"]["ingress"][0]["ports"]}
+    assert ports == {("TCP", 5064), ("UDP", 5064), ("TCP", 5075), ("UDP", 5076)}
+    kube.request("PATCH", f"/apis/{IOC_API}/namespaces/{namespace}/iocs/ioc-np",
+                 body={"spec": {"network": {"allowedNamespaces": None}}},
+                 content_type="application/merge-patch+json")
+    wait_for("policy pruned", lambda: kube.get("networking.k8s.io/v1", "NetworkPolicy",
+                                               namespace, "ioc-np") is None)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from ioc_operator.errors import IOCValidationError
 from ioc_operator.render import render
 from ioc_operator.render.names import CONFIG_HASH_ANNOTATION
 
@@ -165,3 +168,21 @@ def test_rendering_is_deterministic():
         assert render(ioc) == render(ioc)
         assert render(ioc) == render(make_ioc(network={"mode": mode},
                                               autosave={"enabled": True}))
+
+
+def test_network_policy_admits_epics_ports_from_listed_namespaces():
+    ioc = make_ioc(network={"mode": "sidecar", "allowedNamespaces": ["ops", "ns"]})
+    policy = by_kind(render(ioc))["NetworkPolicy"]
+    spec = policy["spec"]
+    assert spec["podSelector"] == {"matchLabels": {"epics-operator.io/ioc": "ioc1"}}
+    assert spec["policyTypes"] == ["Ingress"]
+    (rule,) = spec["ingress"]
+    assert rule["from"][0]["namespaceSelector"]["matchExpressions"][0]["values"] == ["ns", "ops"]
+    assert {(p["protocol"], p["port"]) for p in rule["ports"]} == {
+        ("TCP", 5064), ("UDP", 5064), ("TCP", 5075), ("UDP", 5076)}
+    assert "NetworkPolicy" not in by_kind(render(make_ioc()))  # only when asked for
+
+
+def test_network_policy_not_for_host_mode():
+    with pytest.raises(IOCValidationError, match=r"allowedNamespaces needs network\.mode pod"):
+        make_ioc(network={"mode": "host", "allowedNamespaces": ["ops"]})

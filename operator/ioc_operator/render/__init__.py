@@ -16,6 +16,7 @@ from ..config import OperatorConfig
 from ..errors import IOCValidationError
 from ..models import IOC, CAImplementation, NetworkMode
 from . import pvagw
+from .policy import network_policy
 from .ports import ResolvedPorts, resolve_ports
 from .service import service
 from .storage import autosave_claim
@@ -90,6 +91,8 @@ def render(
         objects.append(autosave_claim(ioc))
     if ioc.spec.network.mode != NetworkMode.HOST:
         objects.append(service(ioc, ports))
+        if ioc.spec.network.allowed_namespaces is not None:
+            objects.append(network_policy(ioc, ports))
     objects.append(stateful_set(ioc, ports, config, config_hash))
     return objects
 

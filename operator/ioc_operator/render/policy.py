@@ -1,0 +1,34 @@
+"""An optional NetworkPolicy: the IOC's EPICS ports, only from the namespaces listed.
+
+Once a pod is selected by an ingress policy, everything the policy does not admit is
+refused, so the listed namespaces reach the EPICS ports and nothing else gets in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..models import IOC
+from . import names
+from .ports import ResolvedPorts
+from .service import service_ports
+
+
+def network_policy(ioc: IOC, ports: ResolvedPorts) -> dict[str, Any]:
+    allowed = sorted(ioc.spec.network.allowed_namespaces or [])
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": names.metadata(ioc, names.workload_name(ioc), "ioc"),
+        "spec": {
+            "podSelector": {"matchLabels": names.selector(ioc)},
+            "policyTypes": ["Ingress"],
+            "ingress": [{
+                "from": [{"namespaceSelector": {"matchExpressions": [{
+                    "key": "kubernetes.io/metadata.name", "operator": "In",
+                    "values": allowed}]}}],
+                "ports": [{"protocol": p["protocol"], "port": p["port"]}
+                          for p in service_ports(ioc, ports)],
+            }],
+        },
+    }
