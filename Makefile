@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup system-deps controlplane demo test unit lint crd clean
+.PHONY: setup system-deps controlplane demo test unit lint bench crd clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,9 +20,10 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iptables; \
 	fi
 
-## controlplane: build (or reuse) etcd, kube-apiserver, ... from the Go module proxy
+## controlplane: build (or reuse) etcd, kube-apiserver, ... and helm from the Go module proxy
 controlplane:
 	bash tests/controlplane/build.sh >/dev/null
+	bash tests/chart/build-helm.sh >/dev/null
 
 ## demo: the examples on a throwaway control plane and broadcast-less lab (root for the lab)
 demo: setup system-deps
@@ -40,9 +41,14 @@ unit: setup
 lint: setup
 	$(PY) -m ruff check operator tests
 
+## bench: operator benchmarks on a real control plane; writes docs/benchmarks.md
+bench: setup controlplane
+	$(PY) -m benchmarks.bench_operator
+
 ## crd: regenerate crds/ from the model
 crd: setup
 	$(VENV)/bin/ioc-operator crd > crds/iocs.epics-operator.io.yaml
+	cp crds/iocs.epics-operator.io.yaml charts/ioc-operator/crds/
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -40,6 +40,8 @@ _locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 # the handler returns), so two IOCs reconciled at once never pick the same port.
 _claims: dict[str, Any] = {}  # key -> HostIOC
 _claims_lock = threading.Lock()
+# uid -> digest of the objects last applied: an unchanged render needs no new dry run.
+_applied: dict[str, str] = {}
 
 
 def _now() -> str:
@@ -109,7 +111,8 @@ def _run(body: dict[str, Any], memo: kopf.Memo, host_iocs: kopf.Index) -> None:
     uid = body["metadata"]["uid"]
     with _locks[uid]:
         try:
-            outcome = reconcile(memo.kube, body, memo.config, _allocator(memo, host_iocs))
+            outcome = reconcile(memo.kube, body, memo.config, _allocator(memo, host_iocs),
+                                _applied)
             _write_status(memo, body, outcome.status, outcome.conditions)
         except KubeError as exc:
             raise kopf.TemporaryError(f"API error, retrying: {exc}", delay=RETRY_DELAY) from exc
@@ -212,6 +215,8 @@ def ioc_event(event: kopf.RawEvent, namespace: str, name: str, spec: kopf.Spec,
               memo: kopf.Memo, client_envs: kopf.Index, **_: Any) -> None:
     """Any IOC change (status included) or deletion: refresh its namespace's directory,
     and release its host ports once it is gone or no longer in host mode."""
+    if event.get("type") == "DELETED":
+        _applied.pop((event.get("object") or {}).get("metadata", {}).get("uid", ""), None)
     if event.get("type") == "DELETED" or (spec.get("network") or {}).get("mode") != "host":
         with _claims_lock:
             _claims.pop(f"{namespace}/{name}", None)

@@ -6,6 +6,8 @@ handlers and from the watches on the objects it owns.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,7 +49,8 @@ class Observed:
 
 
 def reconcile(kube: Kube, body: dict[str, Any], config: OperatorConfig,
-              allocator: Allocator | None = None) -> Outcome:
+              allocator: Allocator | None = None,
+              applied: dict[str, str] | None = None) -> Outcome:
     """Bring the objects of one IOC in line with its spec. Raises KubeError only for
     passing faults (the caller retries); a user's mistake becomes a condition."""
     meta = body.get("metadata", {})
@@ -67,8 +70,11 @@ def reconcile(kube: Kube, body: dict[str, Any], config: OperatorConfig,
         return _refused("PortRangeExhausted", str(exc))
 
     # Dry-run everything first, so an object the API server refuses (a bad affinity, an
-    # immutable field) leaves every object as it was: nothing half-applied.
-    for obj in objects:
+    # immutable field) leaves every object as it was: nothing half-applied. Objects
+    # identical to the last ones applied passed already (`applied`: uid -> digest).
+    digest = _digest(objects)
+    uid = meta.get("uid", "")
+    for obj in [] if applied is not None and applied.get(uid) == digest else objects:
         try:
             kube.apply(obj, dry_run=True)
         except KubeError as exc:
@@ -77,10 +83,16 @@ def reconcile(kube: Kube, body: dict[str, Any], config: OperatorConfig,
             where = f"{obj['kind']} {obj['metadata']['name']}"
             return _refused("Rejected", f"{where}: {exc.message}")
 
-    applied = [kube.apply(obj) for obj in objects]
+    results = [kube.apply(obj) for obj in objects]
+    if applied is not None:
+        applied[uid] = digest
     _prune(kube, ioc, objects)
-    observed = _observe(kube, ioc, applied)
+    observed = _observe(kube, ioc, results)
     return _outcome(ioc, observed, generation, allocation)
+
+
+def _digest(objects: list[dict[str, Any]]) -> str:
+    return hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()
 
 
 def _refused(reason: str, message: str, clashes: tuple[str, ...] = ()) -> Outcome:

@@ -1,0 +1,213 @@
+"""Operator benchmarks against a real control plane. Prints figures and writes them to
+docs/benchmarks.md. Not part of the test run: `make bench` (or python -m ...).
+
+- apply-to-ready: an IOC created until its StatefulSet, Service and status exist;
+- cold start: the operator started with N IOCs present, until all are reconciled;
+  its peak RSS, and its CPU while idle afterwards;
+- directory update delay after an IOC is added or deleted with N IOCs present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+
+from ioc_operator.controlplane import ControlPlane, ensure_binaries
+from ioc_operator.kube import Kube, KubeError
+
+ROOT = Path(__file__).resolve().parents[1]
+IOC_API = "epics-operator.io/v1alpha1"
+NS = "bench"
+
+
+NODE = "bench-node"
+
+
+def ioc(name: str, mode: str = "pod") -> dict[str, Any]:
+    spec: dict[str, Any] = {"image": "registry.example/ioc:1", "prefix": f"{name.upper()}:",
+                            "network": {"mode": mode}}
+    if mode == "host":
+        spec["scheduling"] = {"nodeName": NODE}
+    return {"apiVersion": IOC_API, "kind": "IOC", "metadata": {"name": name, "namespace": NS},
+            "spec": spec}
+
+
+def wait(probe: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := probe():
+            return result
+        time.sleep(0.005)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def ready(kube: Kube, name: str) -> bool:
+    body = kube.get(IOC_API, "IOC", NS, name)
+    if not body or not (body.get("status") or {}).get("endpoints"):
+        return False
+    host = body["spec"]["network"]["mode"] == "host"
+    return bool(kube.get("apps/v1", "StatefulSet", NS, name)
+                and (host or kube.get("v1", "Service", NS, name)))
+
+
+class Operator:
+    def __init__(self, kubeconfig: Path, log: Path) -> None:
+        self.log = log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ioc_operator.cli", "run"], stdout=self.log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "KUBECONFIG": str(kubeconfig)})
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):  # peak resident set
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.log.close()
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def bench(n_latency: int, n_scale: int, workdir: Path) -> list[tuple[str, str, str]]:
+    figures: list[tuple[str, str, str]] = []
+    with ControlPlane(bin_dir=ensure_binaries()) as plane:
+        plane.apply_crds(sorted((ROOT / "crds").glob("*.yaml")))
+        cfg = k8s.Configuration()
+        k8s_config.load_kube_config(config_file=str(plane.kubeconfig), client_configuration=cfg)
+        cfg.proxy = None
+        cfg.connection_pool_maxsize = 32
+        kube = Kube(k8s.ApiClient(cfg))
+        kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+        kube.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE},
+                     "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.50"}]}})
+
+        # 1. apply-to-ready, one IOC at a time
+        op = Operator(plane.kubeconfig, workdir / "operator-latency.log")
+        wait(lambda: op.proc.poll() is None and time.sleep(2) is None, 10, "operator")
+        latencies = []
+        for i in range(n_latency):
+            name = f"lat-{i:04}"
+            start = time.monotonic()
+            kube.create(ioc(name, ("pod", "sidecar", "host")[i % 3]))
+            wait(lambda name=name: ready(kube, name), 30, name)
+            latencies.append((time.monotonic() - start) * 1000)
+        figures += [
+            ("apply-to-ready p50", f"{pct(latencies, 0.5):.0f} ms", f"{n_latency} IOCs, "
+             "one at a time, modes rotating"),
+            ("apply-to-ready p95", f"{pct(latencies, 0.95):.0f} ms", "target < 250 ms"),
+        ]
+        op.stop()
+
+        # 2. cold start with n_scale IOCs present
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: kube.create(ioc(f"cold-{i:05}")), range(n_scale)))
+        total = n_latency + n_scale
+        start = time.monotonic()
+        op = Operator(plane.kubeconfig, workdir / "operator-cold.log")
+
+        def all_reconciled() -> bool:
+            items = kube.request("GET", f"/apis/{IOC_API}/namespaces/{NS}/iocs")["items"]
+            done = sum(1 for i in items if (i.get("status") or {}).get("observedGeneration")
+                       == i["metadata"]["generation"] and i["status"].get("endpoints"))
+            return done == total
+
+        wait(all_reconciled, 900, "cold start")
+        cold = time.monotonic() - start
+        figures.append(("cold start", f"{cold:.1f} s", f"{total} IOCs present; target < 60 s"))
+        time.sleep(30)  # let the controllers' status updates settle
+        cpu0, t0 = op.cpu_seconds(), time.monotonic()
+        time.sleep(20)
+        idle = (op.cpu_seconds() - cpu0) / (time.monotonic() - t0) * 100
+        figures += [("peak RSS", f"{op.rss_mb():.0f} MB", f"{total} IOCs; target < 150 MB"),
+                    ("idle CPU", f"{idle:.1f} %", "of one core, over 20 s, 30 s after reconciling")]
+
+        # 3. directory update delay with total IOCs present
+        def listed(ip: str) -> bool:
+            cm = kube.get("v1", "ConfigMap", NS, "epics-client-env") or {}
+            return ip in (cm.get("data") or {}).get("EPICS_CA_ADDR_LIST", "")
+
+        adds, deletes = [], []
+        for i in range(5):
+            name = f"dir-{i}"
+            start = time.monotonic()
+            kube.create(ioc(name))
+            svc = wait(lambda name=name: kube.get("v1", "Service", NS, name), 30, "service")
+            ip = svc["spec"]["clusterIP"]
+            wait(lambda ip=ip: listed(ip), 60, "directory add")
+            adds.append(time.monotonic() - start)
+            start = time.monotonic()
+            kube.delete(IOC_API, "IOC", NS, name)
+            wait(lambda ip=ip: not listed(ip), 60, "directory delete")
+            deletes.append(time.monotonic() - start)
+        figures += [
+            ("directory update after add", f"{statistics.median(adds) * 1000:.0f} ms",
+             f"median of 5, {total} IOCs present; target < 2 s"),
+            ("directory update after delete", f"{statistics.median(deletes) * 1000:.0f} ms",
+             f"median of 5, {total} IOCs present; target < 2 s"),
+        ]
+        op.stop()
+        with contextlib.suppress(KubeError):
+            kube.delete("v1", "Namespace", None, NS)
+    return figures
+
+
+def write_doc(figures: list[tuple[str, str, str]], args: argparse.Namespace) -> None:
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    lines = ["# Benchmarks", "",
+             "Measured by `make bench` (`python -m benchmarks.bench_operator`) against a real",
+             "etcd + kube-apiserver v1.37.2 started on 127.0.0.1 (no kubelet: readiness means",
+             "the StatefulSet, Service and IOC status exist).", "",
+             f"Machine: {machine}. Run: {time.strftime('%Y-%m-%d')}, "
+             f"--latency {args.latency} --scale {args.scale}.", "",
+             "| figure | value | conditions |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in figures]
+    out = ROOT / "docs" / "benchmarks.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(f"written to {out}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--latency", type=int, default=200, help="IOCs for apply-to-ready")
+    p.add_argument("--scale", type=int, default=800, help="extra IOCs present for cold start")
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args()
+    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"ioc-bench-{os.getpid()}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    figures = bench(args.latency, args.scale, workdir)
+    for name, value, cond in figures:
+        print(f"{name:32} {value:>10}   {cond}")
+    print(f"operator logs: {workdir}")
+    if not args.no_write:
+        write_doc(figures, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""Helpers for the Helm chart tests: render with helm, run the operator as the chart's
+ServiceAccount, read the API server's audit log. Every wait is bounded in time."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ioc_operator.controlplane import ControlPlane, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "ioc-operator"
+IOC_API = "epics-operator.io/v1alpha1"
+WAIT = 45.0
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = WAIT,
+             interval: float = 0.1) -> Any:
+    """Poll until probe() is truthy; bounded in time (and so in count)."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
+
+
+def run(argv: list[str], *, timeout: float = 120.0, input: str | None = None,
+        check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout,
+                          stdin=None if input is not None else subprocess.DEVNULL, check=False)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} failed ({done.returncode}):\n"
+                             f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done
+
+
+# ------------------------------------------------------------------------------ helm
+
+
+@dataclass(frozen=True)
+class Helm:
+    binary: Path
+    home: Path  # HELM_* directories: nothing is read from or written to the user's
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ,
+                "HELM_CACHE_HOME": str(self.home / "cache"),
+                "HELM_CONFIG_HOME": str(self.home / "config"),
+                "HELM_DATA_HOME": str(self.home / "data")}
+
+    def __call__(self, *args: str, check: bool = True,
+                 timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([str(self.binary), *args], capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL, env=self.env(),
+                              check=False)
+        if check and done.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed ({done.returncode}):\n"
+                                 f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        return done
+
+    def template(self, release: str, namespace: str, values: dict[str, Any] | None = None,
+                 *, crds: bool = False) -> list[dict[str, Any]]:
+        """The chart's objects for these values, as dicts (helm's own order)."""
+        args = ["template", release, str(CHART), "--namespace", namespace]
+        if crds:
+            args.append("--include-crds")
+        if values:
+            path = self.home / f"values-{release}-{namespace}.yaml"
+            path.write_text(yaml.safe_dump(values))
+            args += ["--values", str(path)]
+        return [d for d in yaml.safe_load_all(self(*args).stdout) if d]
+
+
+def by_kind(objects: Iterable[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def rule_triples(rules: Iterable[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource[/subresource], verb) for every combination a rule grants."""
+    return {(group, resource, verb)
+            for rule in rules
+            for group in rule.get("apiGroups") or []
+            for resource in rule.get("resources") or []
+            for verb in rule.get("verbs") or []}
+
+
+# ------------------------------------------------------------------- service account
+
+
+def service_account_kubeconfig(plane: ControlPlane, namespace: str, account: str,
+                               path: Path) -> Path:
+    """A kubeconfig holding a TokenRequest token of `account` (nothing else)."""
+    token = plane.kubectl("create", "token", account, "-n", namespace,
+                          "--duration=2h").stdout.strip()
+    assert plane.pki is not None
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "chart-test", "cluster": {
+            "server": plane.server,
+            "certificate-authority-data": base64.b64encode(
+                plane.pki.ca.cert.read_bytes()).decode()}}],
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [{"name": "chart-test", "context": {
+            "cluster": "chart-test", "user": account, "namespace": namespace}}],
+        "current-context": "chart-test",
+    }
+    path.write_text(json.dumps(config, indent=2))
+    path.chmod(0o600)
+    return path
+
+
+def kubectl_as(plane: ControlPlane, kubeconfig: Path, *args: str,
+               check: bool = False) -> subprocess.CompletedProcess[str]:
+    """kubectl with another kubeconfig (the ServiceAccount's token)."""
+    assert plane.bin_dir is not None
+    return run([str(plane.bin_dir / "kubectl"), f"--kubeconfig={kubeconfig}",
+                f"--cache-dir={kubeconfig.parent / 'kubectl-cache'}", *args],
+               timeout=60, check=check)
+
+
+# ------------------------------------------------------------------------- operator
+
+
+class OperatorProcess:
+    """The operator, started the way the chart's Deployment starts it (its args and env),
+    out of cluster with a ServiceAccount kubeconfig. Stopped by PID."""
+
+    def __init__(self, deployment: dict[str, Any], kubeconfig: Path, log_path: Path) -> None:
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        assert container["command"] == ["ioc-operator"], container["command"]
+        self.args = list(container["args"])
+        i = self.args.index("--liveness")
+        self.liveness_port = free_port()
+        chart_url = self.args[i + 1]
+        self.liveness_path = "/" + chart_url.split("/", 3)[3]
+        # The chart listens on 0.0.0.0 (the kubelet probes the pod IP); here: loopback.
+        self.args[i + 1] = f"http://127.0.0.1:{self.liveness_port}{self.liveness_path}"
+        self.env = {e["name"]: e["value"] for e in container.get("env") or []}
+        self.kubeconfig = kubeconfig
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        clean = {k: v for k, v in os.environ.items()
+                 if not k.startswith(("IOC_OPERATOR_", "KUBECONFIG", "EPICS_"))}
+        env = {**clean, **self.env, "HOME": os.environ.get("HOME", "/tmp"),
+               "KUBECONFIG": str(self.kubeconfig), "NO_PROXY": "127.0.0.1"}
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ioc_operator.cli", *self.args, "--verbose"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+
+    def healthy(self) -> bool:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        url = f"http://127.0.0.1:{self.liveness_port}{self.liveness_path}"
+        try:
+            with opener.open(url, timeout=2) as resp:
+                return resp.status == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+# ----------------------------------------------------------------------------- audit
+
+
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  userGroups: [system:serviceaccounts]
+- level: None
+"""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One audited request of a ServiceAccount."""
+
+    user: str
+    verb: str
+    group: str
+    resource: str  # with "/subresource"
+    namespace: str | None
+    name: str | None
+    code: int | None
+    decision: str | None
+    uri: str
+
+    @property
+    def triple(self) -> tuple[str, str, str]:
+        return (self.group, self.resource, self.verb)
+
+
+def audited(path: Path, user: str) -> Iterator[Request]:
+    """The resource requests `user` made, from the API server's JSON audit log."""
+    if not path.exists():
+        return
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # a line being written
+        if event.get("user", {}).get("username") != user:
+            continue
+        ref = event.get("objectRef")
+        if not ref:
+            continue  # discovery and other non-resource URLs
+        resource = ref.get("resource", "")
+        if ref.get("subresource"):
+            resource += "/" + ref["subresource"]
+        yield Request(
+            user=user, verb=event.get("verb", ""), group=ref.get("apiGroup", ""),
+            resource=resource, namespace=ref.get("namespace"), name=ref.get("name"),
+            code=(event.get("responseStatus") or {}).get("code"),
+            decision=(event.get("annotations") or {}).get("authorization.k8s.io/decision"),
+            uri=event.get("requestURI", ""))
+
+
+def nonresource_paths(path: Path, user: str) -> set[str]:
+    """Non-resource URLs (discovery, /version) `user` requested."""
+    found = set()
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("user", {}).get("username") == user and not event.get("objectRef"):
+            found.add(event.get("requestURI", "").split("?")[0])
+    return found
+
+
+def shellcheck() -> str:
+    """Path of shellcheck, installed with apt-get (as root) when missing."""
+    found = shutil.which("shellcheck")
+    if found:
+        return found
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for argv in (["apt-get", "update", "-qq"],
+                     ["apt-get", "install", "-y", "-qq", "shellcheck"]):
+            subprocess.run(argv, check=True, timeout=600, env=env, stdin=subprocess.DEVNULL,
+                           capture_output=True)
+    found = shutil.which("shellcheck")
+    if not found:
+        raise AssertionError("shellcheck is missing: apt-get install shellcheck (as root)")
+    return found

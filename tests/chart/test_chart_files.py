@@ -1,0 +1,285 @@
+"""The chart, the image Dockerfiles and the kind files, without an API server: helm lint,
+values schema, rendered shape, the operator's own settings and CLI against what the chart
+renders, shellcheck."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from chartlib import CHART, REPO, by_kind, rule_triples, run, shellcheck
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from ioc_operator.cli import parser
+from ioc_operator.config import DEFAULT_GATEWAY_IMAGE, OperatorConfig
+from ioc_operator.crd import crd_yaml
+
+NAMESPACED = {"rbac": {"scope": "namespaced"}, "watchNamespaces": ["bl-12", "bl-13"],
+              "directory": {"clusterNamespace": "epics-dir"}}
+VALUE_SETS = {"default": {}, "namespaced": NAMESPACED,
+              "cluster-some-namespaces": {"watchNamespaces": ["bl-12"], "verbose": True}}
+
+
+def chart_meta() -> dict[str, Any]:
+    return yaml.safe_load((CHART / "Chart.yaml").read_text())
+
+
+def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (deployment,) = by_kind(objects, "Deployment")
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def env_of(c: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in c.get("env") or [] if "value" in e}
+
+
+# ------------------------------------------------------------------------ chart
+
+
+@pytest.mark.parametrize("values", sorted(VALUE_SETS))
+def test_helm_lint_strict(helm, values):
+    args = ["lint", "--strict", str(CHART)]
+    if VALUE_SETS[values]:
+        path = helm.home / f"lint-{values}.yaml"
+        path.write_text(yaml.safe_dump(VALUE_SETS[values]))
+        args += ["--values", str(path)]
+    done = helm(*args)
+    assert "0 chart(s) failed" in done.stdout, done.stdout
+    assert "[WARNING]" not in done.stdout and "[ERROR]" not in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize(("values", "words"), [
+    ({"rbac": {"scope": "everywhere"}}, "/rbac/scope"),
+    ({"rbac": {"scope": "namespaced"}}, "watchNamespaces"),
+    ({"watchNamespaces": ["Not_A_Namespace"]}, "watchNamespaces"),
+    ({"hostPorts": {"min": 80, "max": 5999}}, "/hostPorts/min"),
+    ({"hostPorts": {"min": 6000, "max": 5999}}, "hostPorts.min must not exceed"),
+    ({"directory": {"name": "Bad Name"}}, "/directory/name"),
+    ({"imageTag": "0.2.0"}, "imageTag"),  # a typo is an error, not silently ignored
+], ids=["scope", "namespaced-without-namespaces", "namespace-name", "port-range",
+        "ports-reversed", "directory-name", "unknown-key"])
+def test_bad_values_are_refused(helm, values, words):
+    path = helm.home / "bad.yaml"
+    path.write_text(yaml.safe_dump(values))
+    done = helm("template", "x", str(CHART), "--values", str(path), check=False)
+    assert done.returncode != 0, done.stdout
+    assert words in done.stderr, done.stderr
+
+
+def test_chart_crd_is_the_generated_one():
+    """The chart ships exactly what `ioc-operator crd` prints (and crds/ holds)."""
+    chart_crds = sorted(p.name for p in (CHART / "crds").iterdir())
+    assert chart_crds == sorted(p.name for p in (REPO / "crds").glob("*.yaml"))
+    for name in chart_crds:
+        assert (CHART / "crds" / name).read_text() == (REPO / "crds" / name).read_text(), (
+            f"charts/ioc-operator/crds/{name} differs from crds/{name}: copy it again")
+    assert (CHART / "crds" / "iocs.epics-operator.io.yaml").read_text() == crd_yaml(), (
+        "the chart's CRD is stale: ioc-operator crd > charts/ioc-operator/crds/"
+        "iocs.epics-operator.io.yaml (and crds/)")
+
+
+def test_versions_and_default_images_match():
+    meta = chart_meta()
+    assert meta["appVersion"] == version("ioc-operator") == "0.1.0"
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    gateway = f"{values['gateway']['image']['repository']}:{meta['appVersion']}"
+    assert values["gateway"]["image"]["tag"] == ""  # the appVersion
+    assert gateway == DEFAULT_GATEWAY_IMAGE
+
+
+def test_default_deployment(helm):
+    objects = helm.template("ioc-operator", "ioc-system")
+    (deployment,) = by_kind(objects, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}  # never two operators at once
+    pod = spec["template"]["spec"]
+    assert pod["serviceAccountName"] == "ioc-operator"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 65532
+    c = container(objects)
+    assert c["image"] == f"ghcr.io/epics-operator/ioc-operator:{chart_meta()['appVersion']}"
+    security = c["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert {"cpu", "memory"} <= set(c["resources"]["requests"])
+    # The kubelet probes kopf's liveness endpoint where the operator serves it.
+    url = c["args"][c["args"].index("--liveness") + 1]
+    m = re.fullmatch(r"http://0\.0\.0\.0:(\d+)(/\S*)", url)
+    assert m, url
+    probe = c["livenessProbe"]["httpGet"]
+    assert probe["path"] == m.group(2)
+    (port,) = [p for p in c["ports"] if p["name"] == probe["port"]]
+    assert port["containerPort"] == int(m.group(1))
+    # The writable /tmp of a read-only root file system.
+    assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"])
+    # The chart's defaults are the operator's defaults.
+    assert c["command"] == ["ioc-operator"]
+    args = parser().parse_args(c["args"])
+    assert args.command == "run" and args.namespace is None and not args.verbose
+    assert OperatorConfig.from_env(env_of(c)) == OperatorConfig()
+
+
+def test_values_reach_the_operator(helm):
+    values = {**NAMESPACED, "verbose": True, "directory": {
+        "name": "epics-env", "clusterNamespace": "epics-dir"},
+        "hostPorts": {"min": 6000, "max": 6100},
+        "gateway": {"image": {"repository": "registry.example/gw", "tag": "7"}}}
+    c = container(helm.template("epics", "epics-ops", values))
+    env = env_of(c)
+    assert all(k in {f"IOC_OPERATOR_{f.upper()}" for f in OperatorConfig.model_fields}
+               for k in env if k.startswith("IOC_OPERATOR_")), env
+    assert OperatorConfig.from_env(env) == OperatorConfig(
+        gateway_image="registry.example/gw:7", directory_name="epics-env",
+        cluster_directory_namespace="epics-dir", host_port_min=6000, host_port_max=6100)
+    args = parser().parse_args(c["args"])
+    assert args.namespace == ["bl-12", "bl-13"] and args.verbose
+
+
+def test_namespaced_rbac(helm):
+    objects = helm.template("epics", "epics-ops", NAMESPACED)
+    (cluster_role,) = by_kind(objects, "ClusterRole")
+    assert {r for _, r, _ in rule_triples(cluster_role["rules"])} == {
+        "nodes", "namespaces", "customresourcedefinitions"}
+    roles = {(r["metadata"]["namespace"], r["metadata"]["name"]) for r in by_kind(objects, "Role")}
+    assert roles == {("bl-12", "epics-ioc-operator"), ("bl-13", "epics-ioc-operator"),
+                     ("epics-dir", "epics-ioc-operator-directory")}
+    bindings = by_kind(objects, "RoleBinding") + by_kind(objects, "ClusterRoleBinding")
+    assert len(bindings) == 4
+    for binding in bindings:
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "epics-ioc-operator",
+                                        "namespace": "epics-ops"}]
+    # The directory namespace is written, not watched.
+    (directory,) = [r for r in by_kind(objects, "Role")
+                    if r["metadata"]["namespace"] == "epics-dir"]
+    assert rule_triples(directory["rules"]) == {("", "configmaps", "create"),
+                                                ("", "configmaps", "patch")}
+
+
+@pytest.mark.parametrize("values", sorted(VALUE_SETS))
+def test_rbac_has_no_wildcards_secrets_or_escalation(helm, values):
+    objects = helm.template("ioc-operator", "ioc-system", VALUE_SETS[values])
+    triples = set()
+    for role in by_kind(objects, "ClusterRole") + by_kind(objects, "Role"):
+        triples |= rule_triples(role["rules"])
+        assert all("resourceNames" not in r and "nonResourceURLs" not in r
+                   for r in role["rules"])
+    assert triples
+    assert not [t for t in triples if "*" in t]
+    resources = {r for _, r, _ in triples}
+    assert not resources & {"secrets", "pods/exec", "pods/attach", "serviceaccounts/token",
+                            "roles", "clusterroles", "rolebindings", "clusterrolebindings"}
+    assert not {v for *_, v in triples} & {"escalate", "bind", "impersonate",
+                                            "deletecollection"}
+    assert not [t for t in triples if t[1] == "pods" and t[2] != "list"]
+
+
+# ---------------------------------------------------------------------- images
+
+
+def instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in dockerfile.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        pending = f"{pending} {line[:-1]}" if line.endswith("\\") else f"{pending} {line}"
+        if line.endswith("\\"):
+            continue
+        word, _, rest = pending.strip().partition(" ")
+        out.append((word.upper(), " ".join(rest.split())))
+        pending = ""
+    assert not pending, f"{dockerfile}: dangling line continuation"
+    return out
+
+
+def pinned() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "docker" / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            m = re.fullmatch(r"([A-Za-z0-9._-]+)==([0-9][A-Za-z0-9.+-]*)", line)
+            assert m, f"not an exact pin: {line}"
+            pins[canonicalize_name(m.group(1))] = m.group(2)
+    return pins
+
+
+def test_requirements_pin_every_runtime_dependency():
+    pins = pinned()
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in map(Requirement, deps):
+        name = canonicalize_name(dep.name)
+        assert name in pins, f"{dep.name} is not pinned in docker/requirements.txt"
+        assert dep.specifier.contains(pins[name], prereleases=True), (dep, pins[name])
+    # The CA/PVA stacks the images exist for.
+    assert {"kopf", "kubernetes", "caproto", "p4p", "pvxslibs", "epicscorelibs"} <= set(pins)
+
+
+@pytest.mark.parametrize("name", ["operator", "gateway"])
+def test_dockerfile(name):
+    path = REPO / "docker" / f"{name}.Dockerfile"
+    steps = instructions(path)
+    args = dict(a.split("=", 1) for w, a in steps if w == "ARG" and "=" in a)
+    froms = [a.split()[0] for w, a in steps if w == "FROM"]
+    assert froms and all(f in ("${PYTHON_IMAGE}", "python:3.11-slim") for f in froms), froms
+    assert args["PYTHON_IMAGE"] == "python:3.11-slim"
+    assert args["VERSION"] == chart_meta()["appVersion"]
+    users = [a for w, a in steps if w == "USER"]
+    assert users[-1] == "65532:65532", "the image runs as the chart's non-root user"
+    runs = " ; ".join(a for w, a in steps if w == "RUN")
+    # Pinned: everything from docker/requirements.txt, nothing resolved at build time.
+    assert "--no-deps -r /tmp/requirements.txt ioc-operator" in runs
+    assert "--no-index" in runs and "pip check" in runs
+    assert "COPY docker/requirements.txt /tmp/requirements.txt" in [
+        f"{w} {a}" for w, a in steps]
+    ignore = (REPO / "docker" / f"{name}.Dockerfile.dockerignore").read_text().split()
+    for needed in ("!pyproject.toml", "!README.md", "!operator/", "!docker/requirements.txt"):
+        assert needed in ignore
+    if name == "operator":
+        assert ("ENTRYPOINT", '["ioc-operator"]') in steps
+    else:
+        # The sidecar runs `sh -c 'sed ... && exec pvagw ...'`: the build checks all three.
+        assert "command -v sh && command -v sed && command -v pvagw" in runs
+
+
+# ------------------------------------------------------------------- kind, shell
+
+
+def test_kind_cluster_has_one_control_plane_and_two_workers():
+    config = yaml.safe_load((REPO / "kind" / "cluster.yaml").read_text())
+    assert config["kind"] == "Cluster"
+    assert config["apiVersion"] == "kind.x-k8s.io/v1alpha4"
+    roles = sorted(n["role"] for n in config["nodes"])
+    assert roles == ["control-plane", "worker", "worker"]
+    assert "broadcast" in (REPO / "kind" / "cluster.yaml").read_text()
+
+
+SCRIPTS = sorted([*(REPO / "kind").glob("*.sh"), *(REPO / "tests" / "chart").glob("*.sh")])
+
+
+def test_shellcheck():
+    assert {p.name for p in SCRIPTS} >= {"create.sh", "try.sh", "delete.sh", "build-helm.sh"}
+    done = run([shellcheck(), "--severity=style", *map(str, SCRIPTS)], check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for script in SCRIPTS:
+        text = script.read_text()
+        assert text.startswith("#!/usr/bin/env bash\n"), script
+        assert "set -euo pipefail" in text, script
+
+
+def test_build_helm_pins_a_helm_v3(helm):
+    pinned_version = run(["bash", str(REPO / "tests" / "chart" / "build-helm.sh"),
+                          "--version"]).stdout.strip()
+    assert re.fullmatch(r"v3\.\d+\.\d+", pinned_version)
+    assert helm("version", "--template", "{{.Version}}").stdout.strip() == pinned_version
+    assert helm.binary.parent.name == f"helm-{pinned_version}"
