@@ -97,6 +97,17 @@ def pct(values: list[float], q: float) -> float:
 
 def bench(n_latency: int, n_scale: int, workdir: Path) -> list[tuple[str, str, str]]:
     figures: list[tuple[str, str, str]] = []
+    operators: list[Operator] = []
+    try:
+        return _bench(n_latency, n_scale, workdir, figures, operators)
+    finally:
+        for op in operators:  # also when a wait times out
+            if op.proc.poll() is None:
+                op.stop()
+
+
+def _bench(n_latency: int, n_scale: int, workdir: Path, figures: list[tuple[str, str, str]],
+           operators: list[Operator]) -> list[tuple[str, str, str]]:
     with ControlPlane(bin_dir=ensure_binaries()) as plane:
         plane.apply_crds(sorted((ROOT / "crds").glob("*.yaml")))
         cfg = k8s.Configuration()
@@ -110,6 +121,7 @@ def bench(n_latency: int, n_scale: int, workdir: Path) -> list[tuple[str, str, s
 
         # 1. apply-to-ready, one IOC at a time
         op = Operator(plane.kubeconfig, workdir / "operator-latency.log")
+        operators.append(op)
         wait(lambda: op.proc.poll() is None and time.sleep(2) is None, 10, "operator")
         latencies = []
         for i in range(n_latency):
@@ -131,6 +143,7 @@ def bench(n_latency: int, n_scale: int, workdir: Path) -> list[tuple[str, str, s
         total = n_latency + n_scale
         start = time.monotonic()
         op = Operator(plane.kubeconfig, workdir / "operator-cold.log")
+        operators.append(op)
 
         def all_reconciled() -> bool:
             items = kube.request("GET", f"/apis/{IOC_API}/namespaces/{NS}/iocs")["items"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -299,8 +300,17 @@ def can_use_lab() -> str | None:
     return None
 
 
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run(kubeconfig: str | None = None) -> int:
     start = time.monotonic()
+    # A closed terminal or `kill` unwinds like Ctrl-C: lab, operator, control plane.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:  # started in the background
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     why_not = None if kubeconfig is None else "the lab only runs with the demo's own cluster"
     why_not = why_not or can_use_lab()
     demo = Demo(kubeconfig, use_lab=why_not is None)
