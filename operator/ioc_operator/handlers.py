@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import threading
+import uuid
 from collections import defaultdict
 from typing import Any
 
@@ -128,7 +129,8 @@ def _recheck(memo: kopf.Memo, keys: list[str], body: dict[str, Any]) -> None:
     for key in keys:
         namespace, name = key.split("/", 1)
         url = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
-        patch = {"metadata": {"annotations": {RECHECK_ANNOTATION: f"{me} {_now()}"}}}
+        # A fresh token each time: an unchanged value would be no update at all.
+        patch = {"metadata": {"annotations": {RECHECK_ANNOTATION: f"{me} {uuid.uuid4().hex}"}}}
         try:
             memo.kube.request("PATCH", url, body=patch,
                               content_type="application/merge-patch+json")
@@ -150,8 +152,25 @@ def _owner_ioc(body: kopf.Body) -> str | None:
     return None
 
 
+def _nothing_to_do(body: kopf.Body, event_type: str | None, ioc: dict[str, Any]) -> bool:
+    """A StatefulSet status update that changes nothing the IOC reports. Most events on
+    a big cluster are these (the controller's own bookkeeping); drift bumps the
+    generation and deletion is its own event type, so both still reconcile."""
+    if body.get("kind") != "StatefulSet" or event_type == "DELETED":
+        return False
+    meta, sts = body.get("metadata", {}), body.get("status") or {}
+    status = ioc.get("status") or {}
+    if meta.get("generation") != sts.get("observedGeneration") or status.get(
+            "observedGeneration") != ioc["metadata"].get("generation"):
+        return False
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    if ready.get("reason") not in ("Running", "PodNotReady"):
+        return False  # waiting for an address, suspended, refused: let reconcile decide
+    return ((sts.get("readyReplicas") or 0) >= 1) == (ready.get("status") == "True")
+
+
 def _child_event(body: kopf.Body, memo: kopf.Memo, logger: Any,
-                 host_iocs: kopf.Index) -> None:
+                 host_iocs: kopf.Index, event_type: str | None = None) -> None:
     """An owned object changed or vanished: reconcile its IOC (recreates, reverts drift,
     refreshes readiness). Server-side apply of unchanged objects writes nothing."""
     name = _owner_ioc(body)
@@ -161,6 +180,8 @@ def _child_event(body: kopf.Body, memo: kopf.Memo, logger: Any,
     ioc = memo.kube.get(f"{GROUP}/{VERSION}", "IOC", namespace, name)
     if ioc is None or ioc["metadata"].get("deletionTimestamp"):
         return  # the garbage collector is removing it
+    if _nothing_to_do(body, event_type, ioc):
+        return
     try:
         _run(ioc, memo, host_iocs)
     except kopf.TemporaryError as exc:
@@ -171,7 +192,7 @@ def _child_event(body: kopf.Body, memo: kopf.Memo, logger: Any,
 @kopf.on.event("", "v1", "services", labels=MANAGED)
 @kopf.on.event("", "v1", "configmaps", labels=MANAGED)
 @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED)
-def owned_object_event(body: kopf.Body, memo: kopf.Memo, logger: Any,
+def owned_object_event(body: kopf.Body, event: kopf.RawEvent, memo: kopf.Memo, logger: Any,
                        client_envs: kopf.Index, host_iocs: kopf.Index, **_: Any) -> None:
     labels = body.get("metadata", {}).get("labels") or {}
     if labels.get("app.kubernetes.io/component") == DIRECTORY_COMPONENT:
@@ -179,7 +200,7 @@ def owned_object_event(body: kopf.Body, memo: kopf.Memo, logger: Any,
         memo.directory.forget(namespace)  # changed or deleted by hand: write it again
         _publish(memo, client_envs, namespace)
         return
-    _child_event(body, memo, logger, host_iocs)
+    _child_event(body, memo, logger, host_iocs, event.get("type"))
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
