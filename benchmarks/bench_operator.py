@@ -14,8 +14,6 @@ import contextlib
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +24,7 @@ from kubernetes import config as k8s_config
 
 from ioc_operator.controlplane import ControlPlane, ensure_binaries
 from ioc_operator.kube import Kube, KubeError
+from ioc_operator.operator_process import OperatorProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 IOC_API = "epics-operator.io/v1alpha1"
@@ -62,32 +61,8 @@ def ready(kube: Kube, name: str) -> bool:
                 and (host or kube.get("v1", "Service", NS, name)))
 
 
-class Operator:
-    def __init__(self, kubeconfig: Path, log: Path) -> None:
-        self.log = log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ioc_operator.cli", "run"], stdout=self.log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "KUBECONFIG": str(kubeconfig)})
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):  # peak resident set
-                return int(line.split()[1]) / 1024
-        return 0.0
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.log.close()
+def start_operator(kubeconfig: Path, log: Path) -> OperatorProcess:
+    return OperatorProcess(kubeconfig, log).start()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -97,17 +72,16 @@ def pct(values: list[float], q: float) -> float:
 
 def bench(n_latency: int, n_scale: int, workdir: Path) -> list[tuple[str, str, str]]:
     figures: list[tuple[str, str, str]] = []
-    operators: list[Operator] = []
+    operators: list[OperatorProcess] = []
     try:
         return _bench(n_latency, n_scale, workdir, figures, operators)
     finally:
         for op in operators:  # also when a wait times out
-            if op.proc.poll() is None:
-                op.stop()
+            op.stop()
 
 
 def _bench(n_latency: int, n_scale: int, workdir: Path, figures: list[tuple[str, str, str]],
-           operators: list[Operator]) -> list[tuple[str, str, str]]:
+           operators: list[OperatorProcess]) -> list[tuple[str, str, str]]:
     with ControlPlane(bin_dir=ensure_binaries()) as plane:
         plane.apply_crds(sorted((ROOT / "crds").glob("*.yaml")))
         cfg = k8s.Configuration()
@@ -120,9 +94,9 @@ def _bench(n_latency: int, n_scale: int, workdir: Path, figures: list[tuple[str,
                      "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.50"}]}})
 
         # 1. apply-to-ready, one IOC at a time
-        op = Operator(plane.kubeconfig, workdir / "operator-latency.log")
+        op = start_operator(plane.kubeconfig, workdir / "operator-latency.log")
         operators.append(op)
-        wait(lambda: op.proc.poll() is None and time.sleep(2) is None, 10, "operator")
+        time.sleep(2)  # the operator's watches start
         latencies = []
         for i in range(n_latency):
             name = f"lat-{i:04}"
@@ -142,7 +116,7 @@ def _bench(n_latency: int, n_scale: int, workdir: Path, figures: list[tuple[str,
             list(pool.map(lambda i: kube.create(ioc(f"cold-{i:05}")), range(n_scale)))
         total = n_latency + n_scale
         start = time.monotonic()
-        op = Operator(plane.kubeconfig, workdir / "operator-cold.log")
+        op = start_operator(plane.kubeconfig, workdir / "operator-cold.log")
         operators.append(op)
 
         def all_reconciled() -> bool:
@@ -158,7 +132,7 @@ def _bench(n_latency: int, n_scale: int, workdir: Path, figures: list[tuple[str,
         cpu0, t0 = op.cpu_seconds(), time.monotonic()
         time.sleep(20)
         idle = (op.cpu_seconds() - cpu0) / (time.monotonic() - t0) * 100
-        figures += [("peak RSS", f"{op.rss_mb():.0f} MB", f"{total} IOCs; target < 150 MB"),
+        figures += [("peak RSS", f"{op.peak_rss_mb():.0f} MB", f"{total} IOCs; target < 150 MB"),
                     ("idle CPU", f"{idle:.1f} %", "of one core, over 20 s, 30 s after reconciling")]
 
         # 3. directory update delay with total IOCs present

@@ -152,23 +152,11 @@ class Demo:
             return False
 
     def start_operator(self, kubeconfig: str, log: Path) -> None:
+        from .operator_process import OperatorProcess
+
         say("starting the operator", f"ioc-operator run (log: {log})")
-        out = log.open("ab")
-        proc = subprocess.Popen([sys.executable, "-m", "ioc_operator.cli", "run"],
-                                stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL,
-                                env={**os.environ, "KUBECONFIG": kubeconfig})
-
-        def stop() -> None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-            out.close()
-
-        self.stack.callback(stop)
+        operator = OperatorProcess(kubeconfig, log).start()
+        self.stack.callback(operator.stop)
 
     def apply_examples(self, kube: Kube, lab_node: str | None) -> list[dict[str, Any]]:
         docs = demo_manifests(lab_node)

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +19,7 @@ from typing import Any
 import yaml
 
 from ioc_operator.controlplane import ControlPlane, free_port
+from ioc_operator.operator_process import OperatorProcess
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "ioc-operator"
@@ -138,34 +138,24 @@ def kubectl_as(plane: ControlPlane, kubeconfig: Path, *args: str,
 # ------------------------------------------------------------------------- operator
 
 
-class OperatorProcess:
+class ChartOperator(OperatorProcess):
     """The operator, started the way the chart's Deployment starts it (its args and env),
     out of cluster with a ServiceAccount kubeconfig. Stopped by PID."""
 
     def __init__(self, deployment: dict[str, Any], kubeconfig: Path, log_path: Path) -> None:
         container = deployment["spec"]["template"]["spec"]["containers"][0]
         assert container["command"] == ["ioc-operator"], container["command"]
-        self.args = list(container["args"])
-        i = self.args.index("--liveness")
+        args = list(container["args"])
+        i = args.index("--liveness")
         self.liveness_port = free_port()
-        chart_url = self.args[i + 1]
+        chart_url = args[i + 1]
         self.liveness_path = "/" + chart_url.split("/", 3)[3]
         # The chart listens on 0.0.0.0 (the kubelet probes the pod IP); here: loopback.
-        self.args[i + 1] = f"http://127.0.0.1:{self.liveness_port}{self.liveness_path}"
-        self.env = {e["name"]: e["value"] for e in container.get("env") or []}
-        self.kubeconfig = kubeconfig
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        clean = {k: v for k, v in os.environ.items()
-                 if not k.startswith(("IOC_OPERATOR_", "KUBECONFIG", "EPICS_"))}
-        env = {**clean, **self.env, "HOME": os.environ.get("HOME", "/tmp"),
-               "KUBECONFIG": str(self.kubeconfig), "NO_PROXY": "127.0.0.1"}
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ioc_operator.cli", *self.args, "--verbose"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        args[i + 1] = f"http://127.0.0.1:{self.liveness_port}{self.liveness_path}"
+        env = {e["name"]: e["value"] for e in container.get("env") or []}
+        env |= {"HOME": os.environ.get("HOME", "/tmp"), "NO_PROXY": "127.0.0.1"}
+        super().__init__(kubeconfig, log_path, args=[*args, "--verbose"], env=env,
+                         clean_env=True)
 
     def healthy(self) -> bool:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -175,23 +165,6 @@ class OperatorProcess:
                 return resp.status == 200
         except (OSError, urllib.error.URLError):
             return False
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
 
 # ----------------------------------------------------------------------------- audit

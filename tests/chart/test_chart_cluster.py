@@ -21,8 +21,8 @@ import pytest
 from chartlib import (
     CHART,
     IOC_API,
+    ChartOperator,
     Helm,
-    OperatorProcess,
     Request,
     audited,
     by_kind,
@@ -306,12 +306,12 @@ def run_scenario(kube: Kube, rel: Release) -> None:
 
 @pytest.fixture
 def operator_as(chart_plane: ControlPlane,
-                tmp_path: Path) -> Iterator[Callable[[Installed], OperatorProcess]]:
-    started: list[OperatorProcess] = []
+                tmp_path: Path) -> Iterator[Callable[[Installed], ChartOperator]]:
+    started: list[ChartOperator] = []
 
-    def start(installed: Installed) -> OperatorProcess:
+    def start(installed: Installed) -> ChartOperator:
         deployment = by_kind(installed.objects, "Deployment")[0]
-        op = OperatorProcess(deployment, installed.kubeconfig, tmp_path / "operator.log")
+        op = ChartOperator(deployment, installed.kubeconfig, tmp_path / "operator.log")
         op.start()
         started.append(op)
         wait_for("the liveness endpoint", lambda: op.healthy() or not op.running())

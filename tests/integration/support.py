@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from ioc_operator.operator_process import OperatorProcess
 
 IOC_API = "epics-operator.io/v1alpha1"
 WAIT = 30.0
@@ -26,35 +25,8 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float = WAIT) -> Any:
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
 
 
-class Operator:
-    """`ioc-operator run` as a subprocess, stopped by PID."""
+class Operator(OperatorProcess):
+    """`ioc-operator run -v`, as the integration tests use it."""
 
     def __init__(self, kubeconfig: Path, log_dir: Path) -> None:
-        self.kubeconfig = kubeconfig
-        self.log_path = log_dir / "operator.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        log = self.log_path.open("ab")
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ioc_operator.cli", "run", "-v"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-        )
-
-    def stop(self, kill: bool = False) -> None:
-        if self.proc is None:
-            return
-        if kill:
-            self.proc.kill()
-        else:
-            self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        super().__init__(kubeconfig, log_dir / "operator.log", args=("run", "-v"))
