@@ -36,6 +36,7 @@ class HostIOC:
     explicit: Ports = (None, None, None)
     recorded: Ports = (None, None, None)
     created: str = ""  # creationTimestamp: the older IOC wins a clash
+    uid: str = ""  # tells a deleted IOC from a namesake created since
 
     def may_share_node(self, other: HostIOC) -> bool:
         return self.node is None or other.node is None or self.node == other.node
@@ -53,6 +54,7 @@ class Allocation:
     ports: ResolvedPorts
     clashes: tuple[str, ...] = ()  # keys of IOCs asking for one of our explicit ports
     refused: str | None = None  # why this IOC cannot have its ports (it lost a clash)
+    evicts: tuple[str, ...] = ()  # IOCs whose allocated ports our explicit ones now take
 
 
 class PortRangeExhausted(ValueError):
@@ -93,7 +95,11 @@ def allocate(me: HostIOC, others: Iterable[HostIOC],
         if kind not in chosen:
             chosen[kind] = _free_port(kind, taken | set(chosen.values()) | set(
                 p for p in me.explicit if p), port_range)
-    return Allocation(ResolvedPorts(**chosen), tuple(clashes), refused)
+    mine = {p for p in me.explicit if p}
+    evicts = sorted({o.key for o in neighbours
+                     if mine & {r for e, r in zip(o.explicit, o.recorded, strict=True)
+                                if r and not e}})
+    return Allocation(ResolvedPorts(**chosen), tuple(clashes), refused, tuple(evicts))
 
 
 def _free_port(kind: str, taken: set[int], port_range: tuple[int, int]) -> int:
@@ -118,6 +124,7 @@ def host_ioc(body: dict[str, Any]) -> HostIOC:
         explicit=tuple(explicit.get(k) for k in ("ca", "pvaServer", "pvaBroadcast")),
         recorded=tuple(recorded.get(k) for k in ("ca", "pvaServer", "pvaBroadcast")),
         created=meta.get("creationTimestamp") or "",
+        uid=meta.get("uid") or "",
     )
 
 
@@ -125,4 +132,4 @@ def placed(me: HostIOC, allocation: Allocation) -> HostIOC:
     """`me` holding the ports it was just given."""
     p = allocation.ports
     return HostIOC(me.key, me.node, me.explicit, (p.ca, p.pva_server, p.pva_broadcast),
-                   me.created)
+                   me.created, me.uid)

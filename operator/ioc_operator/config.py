@@ -22,6 +22,9 @@ class OperatorConfig(BaseModel):
     # Host-network IOCs get their ports from this range (EPICS defaults first).
     host_port_min: int = Field(default=5064, ge=1024, le=65535)
     host_port_max: int = Field(default=5999, ge=1024, le=65535)
+    # How often to list all IOCs and drop directory entries of IOCs deleted while the
+    # operator's watch was down (see resync.py).
+    resync_seconds: float = Field(default=60.0, ge=1.0)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> OperatorConfig:

@@ -16,8 +16,9 @@ from collections import defaultdict
 from typing import Any
 
 import kopf
+import urllib3
 
-from . import GROUP, PLURAL, VERSION
+from . import GROUP, PLURAL, VERSION, resync
 from .allocation import Allocation, allocate, host_ioc, placed
 from .conditions import Cond, merge_conditions, transitions
 from .config import OperatorConfig
@@ -50,7 +51,8 @@ def _now() -> str:
 
 
 @kopf.on.startup()
-def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, client_envs: kopf.Index,
+                  **_: Any) -> None:
     settings.posting.level = 20  # INFO: Normal events reach `kubectl describe`
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
         prefix="kopf.epics-operator.io"
@@ -61,16 +63,53 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # Daemons (the probe) need a finalizer so kopf can stop them before deletion.
     settings.persistence.finalizer = f"{GROUP}/operator"
     settings.watching.server_timeout = 300
+    # kopf's default backoffs grow to 21 s: after an API server outage the watches would
+    # come back up to 21 s late. Retry at most 5 s apart, for longer in all (67 s > 54 s).
+    settings.networking.error_backoffs = (1, 1, 2, 3) + (5,) * 12
     memo.config = OperatorConfig.from_env()
     memo.kube = Kube(load_client())
     memo.directory = DirectoryPublisher(memo.kube, memo.config.directory_name)
+    memo.gone = frozenset()  # uids of IOCs deleted unseen: their index entries are stale
+    memo.resync_task = asyncio.create_task(_resync_forever(memo, client_envs))
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    memo.resync_task.cancel()
+
+
+async def _resync_forever(memo: kopf.Memo, client_envs: kopf.Index) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(memo.config.resync_seconds)
+        # a snapshot taken on the event loop, which is where kopf changes the index
+        indexed = {uid: f"{ns}/{name}" for ns in client_envs for name, uid, _ in client_envs[ns]}
+        try:
+            await loop.run_in_executor(None, _resync, memo, client_envs, indexed)
+        except (KubeError, urllib3.exceptions.HTTPError, OSError) as exc:
+            log.warning("resync skipped: %s", exc)
+
+
+def _resync(memo: kopf.Memo, client_envs: kopf.Index, indexed: dict[str, str]) -> None:
+    found = resync.gone(memo.kube, indexed)
+    new = found - memo.gone
+    memo.gone = frozenset(found | (memo.gone & set(indexed)))  # forget what the index dropped
+    for uid in new:
+        key = indexed[uid]
+        log.info("IOC %s was deleted while unwatched: dropping it from the directory", key)
+        _applied.pop(uid, None)
+        with _claims_lock:
+            if key in _claims and _claims[key].uid == uid:
+                del _claims[key]
+    for namespace in sorted({indexed[uid].split("/", 1)[0] for uid in new}):
+        _publish(memo, client_envs, namespace)
 
 
 def _allocator(memo: kopf.Memo, index: kopf.Index) -> Any:
     def allocator(_: IOC, body: dict[str, Any]) -> Allocation:
         me = host_ioc(body)
         with _claims_lock:
-            others = {h.key: h for h in index.get("host", [])}
+            others = {h.key: h for h in index.get("host", []) if h.uid not in memo.gone}
             others.update(_claims)
             others.pop(me.key, None)
             port_range = (memo.config.host_port_min, memo.config.host_port_max)
@@ -117,9 +156,15 @@ def _run(body: dict[str, Any], memo: kopf.Memo, host_iocs: kopf.Index) -> None:
             _write_status(memo, body, outcome.status, outcome.conditions)
         except KubeError as exc:
             raise kopf.TemporaryError(f"API error, retrying: {exc}", delay=RETRY_DELAY) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:  # API server unreachable
+            raise kopf.TemporaryError(f"API unreachable, retrying: {exc}",
+                                      delay=RETRY_DELAY) from exc
     before = set((body.get("status") or {}).get("portClashes") or [])
+    recheck = set(outcome.evicts)
     if before != set(outcome.clashes):
-        _recheck(memo, sorted(before | set(outcome.clashes)), body)
+        recheck |= before | set(outcome.clashes)
+    if recheck:
+        _recheck(memo, sorted(recheck), body)
 
 
 def _recheck(memo: kopf.Memo, keys: list[str], body: dict[str, Any]) -> None:
@@ -212,18 +257,22 @@ def host_iocs(body: kopf.Body, spec: kopf.Spec, **_: Any) -> dict[str, Any] | No
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
-def client_envs(namespace: str, name: str, status: kopf.Status, **_: Any) -> dict[str, Any]:
+def client_envs(namespace: str, name: str, uid: str, status: kopf.Status,
+                **_: Any) -> dict[str, Any]:
     """Each IOC's published client settings, by namespace."""
-    return {namespace: (name, dict(status.get("clientEnv") or {}))}
+    return {namespace: (name, uid, dict(status.get("clientEnv") or {}))}
 
 
 def _publish(memo: kopf.Memo, index: kopf.Index, namespace: str) -> None:
-    entries = list(index.get(namespace, []))
+    def envs(ns: str) -> list[dict[str, str]]:
+        return [env for _, uid, env in list(index.get(ns, [])) if uid not in memo.gone]
+
+    entries = envs(namespace)
     try:
-        memo.directory.publish(namespace, [env for _, env in entries] if entries else None)
+        memo.directory.publish(namespace, entries or None)
         cluster_ns = memo.config.cluster_directory_namespace
         if cluster_ns:
-            everything = [env for ns in index for _, env in index[ns]]
+            everything = [env for ns in list(index) for env in envs(ns)]
             memo.directory.publish(cluster_ns, everything,
                                    name=f"{memo.config.directory_name}-cluster")
     except KubeError as exc:

@@ -43,8 +43,11 @@ class KubeError(Exception):
 
     @property
     def invalid(self) -> bool:
-        """The object itself was refused (the user's input), not a passing fault."""
-        return self.status in (400, 422)
+        """The object itself was refused (the user's input), not a passing fault.
+        Server-side apply answers 500 when it cannot merge an object (e.g. a list key
+        twice): that is the object's fault too, and retrying cannot help."""
+        return self.status in (400, 422) or (
+            self.status == 500 and "failed to create typed patch object" in self.message)
 
 
 def path(api_version: str, kind: str, namespace: str | None, name: str | None = None) -> str:
@@ -113,6 +116,14 @@ class Kube:
             query.append(("dryRun", "All"))
         url = path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
         return self.request("PATCH", url, query, obj, "application/apply-patch+yaml")
+
+    def patch(self, obj: dict[str, Any], body: dict[str, Any], content_type: str,
+              dry_run: bool = False) -> dict[str, Any]:
+        """A patch of another type (not apply) to the object `obj` names."""
+        meta = obj["metadata"]
+        query = [("fieldManager", FIELD_MANAGER)] + ([("dryRun", "All")] if dry_run else [])
+        url = path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+        return self.request("PATCH", url, query, body, content_type)
 
     def get(self, api_version: str, kind: str, namespace: str | None,
             name: str) -> dict[str, Any] | None:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 from pydantic.alias_generators import to_camel
 
 # EPICS record names allow these characters; a prefix is a record-name prefix.
 PREFIX_PATTERN = r"^[A-Za-z0-9_:\-\[\]<>;.{}$]+$"
-PORT = Annotated[int, Field(ge=1024, le=65535)]
+PORT = Annotated[StrictInt, Field(ge=1024, le=65535)]
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 
@@ -106,7 +106,7 @@ class Resources(Model):
 class CAServer(Model):
     """The IOC's Channel Access server."""
 
-    enabled: bool = Field(default=True, description="The IOC serves Channel Access.")
+    enabled: StrictBool = Field(default=True, description="The IOC serves Channel Access.")
     implementation: CAImplementation = Field(
         default=CAImplementation.RSRV,
         description=(
@@ -122,7 +122,7 @@ class CAServer(Model):
 class PVAServer(Model):
     """The IOC's PV Access server."""
 
-    enabled: bool = Field(default=True, description="The IOC serves PV Access.")
+    enabled: StrictBool = Field(default=True, description="The IOC serves PV Access.")
     implementation: PVAImplementation = Field(
         default=PVAImplementation.PVXS,
         description=(
@@ -188,6 +188,7 @@ class Network(Model):
     allowed_namespaces: list[Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]] | None = (
         Field(
             default=None,
+            min_length=1,
             description=(
                 "Pod and sidecar modes: render a NetworkPolicy that admits the IOC's EPICS "
                 "ports only from these namespaces (include the IOC's own, and the "
@@ -195,7 +196,7 @@ class Network(Model):
             ),
         )
     )
-    require_name_servers: bool = Field(
+    require_name_servers: StrictBool = Field(
         default=False,
         description=(
             "Refuse to run unless every protocol the IOC serves is reachable through "
@@ -211,7 +212,7 @@ class PVAGateway(Model):
     image: str | None = Field(
         default=None, description="Image with p4p's pvagw (default: the operator's setting)."
     )
-    read_only: bool = Field(default=False, description="Refuse PVA puts through the gateway.")
+    read_only: StrictBool = Field(default=False, description="Refuse PVA puts through the gateway.")
     status_prefix: str | None = Field(
         default=None,
         pattern=PREFIX_PATTERN,
@@ -235,11 +236,11 @@ class Gateways(Model):
 class Autosave(Model):
     """A persistent volume for autosave files; it outlives the IOC."""
 
-    enabled: bool = Field(default=False, description="Create and mount the autosave volume.")
+    enabled: StrictBool = Field(default=False, description="Create and mount the autosave volume.")
     size: str = Field(
         default="1Gi",
-        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$",
-        description="Requested size.",
+        pattern=r"^(0\.[0-9]*[1-9][0-9]*|[1-9][0-9]*(\.[0-9]+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$",
+        description="Requested size (more than zero), e.g. 100Mi.",
     )
     storage_class_name: str | None = Field(default=None, description="Storage class.")
     mount_path: str = Field(
@@ -255,7 +256,7 @@ class Probe(Model):
         pattern=PREFIX_PATTERN,
         description="PV name to read (default: none, reachability is not checked).",
     )
-    period_seconds: int = Field(default=30, ge=5, le=3600, description="Check period.")
+    period_seconds: StrictInt = Field(default=30, ge=5, le=3600, description="Check period.")
 
 
 class Scheduling(Model):
@@ -294,10 +295,8 @@ class IOCSpec(Model):
     )
 
     image: str = Field(min_length=1, description="Container image that runs the IOC.")
-    image_pull_policy: str | None = Field(
-        default=None,
-        json_schema_extra={"enum": ["Always", "IfNotPresent", "Never"]},
-        description="Image pull policy.",
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        default=None, description="Image pull policy."
     )
     image_pull_secrets: list[str] = Field(
         default_factory=list, description="Names of Secrets to pull the image with."
@@ -323,17 +322,17 @@ class IOCSpec(Model):
         "Extra IOC container mounts (Kubernetes VolumeMount)."
     )
     probe: Probe = Field(default_factory=Probe, description="Reachability probe.")
-    inject_client_env: bool = Field(
+    inject_client_env: StrictBool = Field(
         default=False,
         description=(
             "Load the namespace's EPICS client directory into the IOC with envFrom, so "
             "its CA/PVA links reach the other IOCs."
         ),
     )
-    suspend: bool = Field(
+    suspend: StrictBool = Field(
         default=False, description="Stop the IOC (0 replicas) without deleting anything."
     )
-    console: bool = Field(
+    console: StrictBool = Field(
         default=True,
         description="Keep stdin and a TTY open so `kubectl attach -it` reaches the IOC shell.",
     )

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import clientenv
+from . import clientenv, drift
 from .allocation import Allocation, PortRangeExhausted
 from .conditions import Cond
 from .config import OperatorConfig
@@ -39,6 +39,7 @@ class Outcome:
     status: dict[str, Any]
     conditions: list[Cond] = field(default_factory=list)
     clashes: tuple[str, ...] = ()  # IOCs asking for one of this IOC's explicit host ports
+    evicts: tuple[str, ...] = ()  # IOCs that must give up an allocated port to this one
 
 
 @dataclass
@@ -74,21 +75,65 @@ def reconcile(kube: Kube, body: dict[str, Any], config: OperatorConfig,
     # identical to the last ones applied passed already (`applied`: uid -> digest).
     digest = _digest(objects)
     uid = meta.get("uid", "")
+    reclaim: dict[str, dict[str, Any]] = {}  # ports edited by hand: see drift.py
     for obj in [] if applied is not None and applied.get(uid) == digest else objects:
         try:
-            kube.apply(obj, dry_run=True)
+            patch = _dry_run(kube, obj)
         except KubeError as exc:
             if not exc.invalid:
                 raise
             where = f"{obj['kind']} {obj['metadata']['name']}"
             return _refused("Rejected", f"{where}: {exc.message}")
+        if patch:
+            reclaim[_key(obj)] = patch
 
-    results = [kube.apply(obj) for obj in objects]
+    results = [_apply(kube, obj, reclaim.get(_key(obj))) for obj in objects]
     if applied is not None:
         applied[uid] = digest
     _prune(kube, ioc, objects)
     observed = _observe(kube, ioc, results)
     return _outcome(ioc, observed, generation, allocation)
+
+
+def _key(obj: dict[str, Any]) -> str:
+    return f"{obj['kind']}/{obj['metadata']['name']}"
+
+
+def _dry_run(kube: Kube, obj: dict[str, Any]) -> dict[str, Any] | None:
+    """Dry-run the apply of `obj`. If the live object's hand-edited ports are what makes
+    it invalid, dry-run their replacement instead and return that patch."""
+    try:
+        kube.apply(obj, dry_run=True)
+        return None
+    except KubeError as exc:
+        if not exc.invalid:
+            raise
+        meta = obj["metadata"]
+        patch = drift.reclaim_patch(
+            kube.get(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"]), obj)
+        if patch is None:
+            raise
+    kube.patch(obj, patch, drift.STRATEGIC, dry_run=True)
+    return patch
+
+
+def _apply(kube: Kube, obj: dict[str, Any], reclaim: dict[str, Any] | None) -> dict[str, Any]:
+    if reclaim:
+        log.info("replacing hand-edited ports of %s", _key(obj))
+        kube.patch(obj, reclaim, drift.STRATEGIC)
+    try:
+        return kube.apply(obj)
+    except KubeError as exc:
+        # The dry run was skipped (render unchanged) or the edit came after it.
+        meta = obj["metadata"]
+        patch = drift.reclaim_patch(kube.get(
+            obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"]), obj) if (
+            exc.invalid and not reclaim) else None
+        if patch is None:
+            raise
+    log.info("replacing hand-edited ports of %s", _key(obj))
+    kube.patch(obj, patch, drift.STRATEGIC)
+    return kube.apply(obj)
 
 
 def _digest(objects: list[dict[str, Any]]) -> str:
@@ -183,7 +228,8 @@ def _outcome(ioc: IOC, observed: Observed, generation: int | None,
                  f"explicit host port(s) also requested by {', '.join(clashes)}; the older "
                  "IOC keeps them") if clashes else
             Cond("PortConflict", False, "NoConflict", "host ports are unique on the node"))
-    return Outcome(status=status, conditions=conds, clashes=clashes)
+    return Outcome(status=status, conditions=conds, clashes=clashes,
+                   evicts=allocation.evicts if allocation else ())
 
 
 def event_type(cond: Cond) -> str:

@@ -29,4 +29,7 @@ class Operator(OperatorProcess):
     """`ioc-operator run -v`, as the integration tests use it."""
 
     def __init__(self, kubeconfig: Path, log_dir: Path) -> None:
-        super().__init__(kubeconfig, log_dir / "operator.log", args=("run", "-v"))
+        # IOCs deleted while the watch was down (test_faults) leave the directory
+        # within one resync period: 10 s here, 60 s by default.
+        super().__init__(kubeconfig, log_dir / "operator.log", args=("run", "-v"),
+                         env={"IOC_OPERATOR_RESYNC_SECONDS": "10"})

@@ -82,3 +82,12 @@ def test_range_exhausted():
 
 def test_allocation_is_resolved_ports():
     assert allocate(HostIOC("ns/a", None), []).ports == ResolvedPorts()
+
+
+def test_explicit_port_evicts_an_allocation_which_then_moves():
+    auto = HostIOC("ns/auto", "n1", recorded=(5064, 5075, 5076), created="1")
+    pinned = HostIOC("ns/pinned", "n1", explicit=(5064, None, None), created="2")
+    got = allocate(pinned, [auto])
+    assert got.ports.ca == 5064 and got.evicts == ("ns/auto",) and got.refused is None
+    moved = allocate(auto, [HostIOC(pinned.key, "n1", pinned.explicit, ports(got), "2")])
+    assert moved.ports.ca != 5064 and moved.ports.pva_server == 5075

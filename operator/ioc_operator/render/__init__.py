@@ -14,13 +14,13 @@ from pydantic import ValidationError
 from .. import capabilities
 from ..config import OperatorConfig
 from ..errors import IOCValidationError
-from ..models import IOC, CAImplementation, NetworkMode
+from ..models import IOC, CAImplementation, IOCSpec, NetworkMode
 from . import pvagw
 from .policy import network_policy
 from .ports import ResolvedPorts, resolve_ports
 from .service import service
 from .storage import autosave_claim
-from .workload import stateful_set
+from .workload import server_env, stateful_set
 
 __all__ = ["Rendered", "ResolvedPorts", "parse_ioc", "render", "render_all", "resolve_ports"]
 
@@ -59,6 +59,16 @@ def check_semantics(ioc: IOC) -> None:
             "the portable CA server (pcas, pcaspy) needs an interface with a broadcast "
             "address and aborts in a /32 pod network (Calico, ptp): use network.mode: host",
         )
+    _check_ports(spec)
+    names = [e.name for e in spec.env]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise IOCValidationError("spec.env", f"{', '.join(repeated)} listed more than once")
+    managed = {e["name"] for e in server_env(ioc, resolve_ports(spec))}
+    clash = sorted(managed & {e.name for e in spec.env})
+    if clash:
+        raise IOCValidationError(
+            "spec.env", f"{', '.join(clash)} is set by the operator: use spec.network.ports")
     if spec.network.mode == NetworkMode.SIDECAR:
         gw = spec.pva_gateway
         ports = resolve_ports(spec)
@@ -72,6 +82,27 @@ def check_semantics(ioc: IOC) -> None:
             raise IOCValidationError(
                 "spec.network.ports.ca", "collides with the gateway's internal PVA ports"
             )
+
+
+def _check_ports(spec: IOCSpec) -> None:
+    """No port twice for one protocol inside the pod. In host mode only explicit ports
+    can collide (the allocator keeps the rest apart)."""
+    ports = resolve_ports(spec)
+    explicit = spec.network.ports
+    host = spec.network.mode == NetworkMode.HOST
+
+    def chosen(value: int, given: int | None) -> int | None:
+        return given if host else value
+
+    ca = chosen(ports.ca, explicit.ca) if spec.servers.ca.enabled else None
+    pva_tcp = chosen(ports.pva_server, explicit.pva_server) if spec.servers.pva.enabled else None
+    pva_udp = (chosen(ports.pva_broadcast, explicit.pva_broadcast)
+               if spec.servers.pva.enabled else None)
+    for proto, pair in (("TCP", (ca, pva_tcp)), ("UDP", (ca, pva_udp))):
+        if None not in pair and pair[0] == pair[1]:
+            raise IOCValidationError(
+                "spec.network.ports",
+                f"{proto} port {pair[0]} is used by both CA and PVA in this pod")
 
 
 def render(
@@ -113,15 +144,20 @@ def render_all(iocs: list[IOC], config: OperatorConfig | None = None) -> list[Re
     port_range = (config.host_port_min, config.host_port_max)
     holders = []
     out = []
+    # Like the operator's index, every IOC's explicit ports are known from the start,
+    # so an earlier IOC's allocation never takes a later IOC's explicit port.
+    explicit_only = {
+        i: host_ioc({"metadata": {**ioc.metadata.model_dump(), "creationTimestamp": f"{i:06}"},
+                     "spec": ioc.spec.model_dump(by_alias=True)})
+        for i, ioc in enumerate(iocs) if ioc.spec.network.mode == NetworkMode.HOST}
     for order, ioc in enumerate(iocs):
         allocated = None
         where = f"(IOC {ioc.metadata.namespace}/{ioc.metadata.name})"
         if ioc.spec.network.mode == NetworkMode.HOST:
-            body = {"metadata": {**ioc.metadata.model_dump(), "creationTimestamp": f"{order:06}"},
-                    "spec": ioc.spec.model_dump(by_alias=True)}
-            me = host_ioc(body)
+            me = explicit_only[order]
+            later = [h for i, h in explicit_only.items() if i > order]
             try:
-                allocation = allocate(me, holders, port_range)
+                allocation = allocate(me, holders + later, port_range)
             except PortRangeExhausted as exc:
                 raise IOCValidationError("spec.network.ports", f"{exc} {where}") from None
             if allocation.refused:

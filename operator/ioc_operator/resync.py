@@ -1,0 +1,35 @@
+"""IOCs deleted while the operator was not watching.
+
+kopf's indexes (the client directory, the host ports) are fed by the watch. When the
+API server restarts, kopf re-lists, and a re-list cannot say that an object vanished
+meanwhile: its index entry stays, so the directory would list a deleted IOC and its
+host ports would stay taken until the operator restarts. A periodic list of all IOCs
+finds such entries; each is confirmed with a GET before it is dropped, because an IOC
+created after the list is in the index but not in the list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from . import GROUP, VERSION
+from .kube import Kube
+
+IOC_API = f"{GROUP}/{VERSION}"
+
+
+def suspects(indexed: Mapping[str, str], listed: set[str]) -> dict[str, str]:
+    """Pure: index entries (uid -> namespace/name) whose uid the list did not return."""
+    return {uid: key for uid, key in indexed.items() if uid not in listed}
+
+
+def gone(kube: Kube, indexed: Mapping[str, str]) -> set[str]:
+    """uids of indexed IOCs that no longer exist (a namesake may exist: uids differ)."""
+    listed = {i["metadata"]["uid"] for i in kube.list(IOC_API, "IOC", None)}
+    found = set()
+    for uid, key in suspects(indexed, listed).items():
+        namespace, name = key.split("/", 1)
+        live = kube.get(IOC_API, "IOC", namespace, name)
+        if live is None or live["metadata"]["uid"] != uid:
+            found.add(uid)
+    return found
