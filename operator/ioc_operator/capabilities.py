@@ -20,16 +20,21 @@ PVA_TCP_SEARCH = {PVAImplementation.PVXS: True, PVAImplementation.CLASSIC: False
 
 
 def ca_name_server(spec: IOCSpec) -> bool:
-    """Whether clients may list this IOC in EPICS_CA_NAME_SERVERS."""
+    """Whether clients may list this IOC in EPICS_CA_NAME_SERVERS. In sidecar mode the
+    CA gateway answers in front of whatever the IOC runs (both gateways answer TCP
+    searches: ioc-ca-gateway by design, the C++ ca-gateway as a pcas server)."""
+    if spec.runs_ca_gateway:
+        return True
     return spec.servers.ca.enabled and CA_TCP_SEARCH[spec.servers.ca.implementation]
 
 
 def pva_name_server(spec: IOCSpec) -> bool:
     """Whether clients may list this IOC in EPICS_PVA_NAME_SERVERS.
 
-    In sidecar mode pvagw (a PVXS server) answers in front of whatever the IOC runs.
+    In sidecar mode pvagw or the CA-to-PVA bridge (both PVXS servers) answer in front
+    of whatever the IOC runs.
     """
-    if not spec.servers.pva.enabled:
+    if not spec.serves_pva:
         return False
     if spec.network.mode == NetworkMode.SIDECAR:
         return True

@@ -48,7 +48,7 @@ class ClientSettings:
 def for_ioc(spec: IOCSpec, address: str, ports: ResolvedPorts) -> ClientSettings:
     """Settings that reach one IOC at `address` (ClusterIP, or node IP in host mode)."""
     ca = spec.servers.ca.enabled
-    pva = spec.servers.pva.enabled
+    pva = spec.serves_pva
     return ClientSettings(
         ca_addr=(_hostport(address, ports.ca, CA_PORT),) if ca else (),
         ca_name_servers=(f"{address}:{ports.ca}",) if capabilities.ca_name_server(spec) else (),
@@ -82,6 +82,6 @@ def endpoints(spec: IOCSpec, address: str, ports: ResolvedPorts) -> dict[str, st
     out = {}
     if spec.servers.ca.enabled:
         out["ca"] = f"{address}:{ports.ca}"
-    if spec.servers.pva.enabled:
+    if spec.serves_pva:
         out["pva"] = f"{address}:{ports.pva_server}"
     return out

@@ -16,6 +16,8 @@ class OperatorConfig(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     gateway_image: str = Field(default=DEFAULT_GATEWAY_IMAGE)
+    # Default image for gateways.ca.implementation: ca-gateway (EPICS' C++ gateway).
+    ca_gateway_image: str | None = Field(default=None)
     directory_name: str = Field(default="epics-client-env")
     # When set, one more directory in this namespace lists the IOCs of all namespaces.
     cluster_directory_namespace: str | None = Field(default=None)

@@ -112,9 +112,10 @@ class CAServer(Model):
         description=(
             "Which CA server the IOC runs. rsrv: an EPICS Base IOC (softIoc, "
             "epicscorelibs/pvxslibs IOCs, pythonSoftIOC), answers UDP and TCP name-server "
-            "searches. caproto: a caproto server, answers UDP searches only. pcas: the "
-            "portable CA server (pcaspy), answers UDP and TCP searches and needs "
-            "network.mode host (it aborts without a broadcast-capable interface)."
+            "searches. caproto: a caproto server, answers UDP searches only (in sidecar mode "
+            "the CA gateway answers name-server searches for it). pcas: the portable CA "
+            "server (pcaspy), answers UDP and TCP searches; it aborts without a "
+            "broadcast-capable interface, so it needs network.mode host or sidecar."
         ),
     )
 
@@ -227,10 +228,87 @@ class PVAGateway(Model):
     resources: Resources = Field(default_factory=Resources, description="Sidecar resources.")
 
 
+class CAGatewayImplementation(StrEnum):
+    BUILTIN = "builtin"
+    CA_GATEWAY = "ca-gateway"
+
+
+class CAGateway(Model):
+    """The CA gateway sidecar used in sidecar mode: the IOC's CA server moves to loopback
+    and the gateway serves the pod IP, answering UDP and name-server (TCP) searches."""
+
+    enabled: StrictBool = Field(
+        default=True,
+        description=(
+            "Front the IOC's CA server with the gateway. false: the IOC's own CA server "
+            "serves the pod IP (as in pod mode)."
+        ),
+    )
+    implementation: CAGatewayImplementation = Field(
+        default=CAGatewayImplementation.BUILTIN,
+        description=(
+            "builtin: this project's caproto-based ioc-ca-gateway (in the gateway image). "
+            "ca-gateway: EPICS' C++ ca-gateway, run from `image` with the same ports, "
+            "pvlist and access file."
+        ),
+    )
+    image: str | None = Field(
+        default=None,
+        description=(
+            "Gateway image (default: the operator's gateway image for builtin; required "
+            "for ca-gateway unless the operator sets a default)."
+        ),
+    )
+    command: list[str] = Field(
+        default_factory=list,
+        description="ca-gateway only: the gateway executable, e.g. [/epics/ca-gateway/bin/"
+        "linux-x86_64/gateway] (default: [gateway]).",
+    )
+    read_only: StrictBool = Field(default=False, description="Refuse CA puts through the gateway.")
+    internal_port: PORT = Field(
+        default=15064, description="Loopback TCP and UDP port the IOC's CA server is moved to."
+    )
+    pvlist: str | None = Field(
+        default=None,
+        description=(
+            "ca-gateway pvlist text: `EVALUATION ORDER ALLOW, DENY` and `<regex> ALLOW|DENY` "
+            "lines (the builtin gateway understands this subset). Default: every PV."
+        ),
+    )
+    access: str | None = Field(
+        default=None,
+        description="ca-gateway only: an access security file (ASG rules).",
+    )
+    inactive_timeout_seconds: StrictInt = Field(
+        default=60, ge=1, le=86400,
+        description="Drop upstream channels no client has used for this long.",
+    )
+    resources: Resources = Field(default_factory=Resources, description="Sidecar resources.")
+
+
+class CAPVABridge(Model):
+    """A PVA server in front of a CA-only IOC: each PV of the IOC, found over CA on
+    loopback, served as a Normative Type (docs/ca-pva-bridge.md)."""
+
+    enabled: StrictBool = Field(
+        default=False,
+        description="Run the bridge (for IOCs that serve CA only: servers.pva.enabled false).",
+    )
+    image: str | None = Field(
+        default=None, description="Bridge image (default: the operator's gateway image)."
+    )
+    read_only: StrictBool = Field(default=False, description="Refuse PVA puts through the bridge.")
+    resources: Resources = Field(default_factory=Resources, description="Sidecar resources.")
+
+
 class Gateways(Model):
     """Sidecar gateways (sidecar mode only)."""
 
     pva: PVAGateway = Field(default_factory=PVAGateway, description="The PVA gateway.")
+    ca: CAGateway = Field(default_factory=CAGateway, description="The CA gateway.")
+    bridge: CAPVABridge = Field(
+        default_factory=CAPVABridge, description="The CA-to-PVA bridge."
+    )
 
 
 class Autosave(Model):
@@ -286,9 +364,11 @@ class IOCSpec(Model):
                     ".servers",
                 ),
                 cel(
-                    "self.network.mode != 'sidecar' || self.servers.pva.enabled",
-                    "network.mode sidecar fronts the IOC's PVA server: enable servers.pva",
-                    ".network.mode",
+                    "!has(self.gateways) || !has(self.gateways.bridge) || "
+                    "!self.gateways.bridge.enabled || !self.servers.pva.enabled",
+                    "the CA-to-PVA bridge is for IOCs without a PVA server: disable "
+                    "servers.pva or the bridge",
+                    ".gateways.bridge.enabled",
                 ),
             ]
         }
@@ -349,9 +429,10 @@ class IOCSpec(Model):
             raise ValueError("gateways may only be set when network.mode is sidecar")
         if not (self.servers.ca.enabled or self.servers.pva.enabled):
             raise ValueError("an IOC must serve CA or PVA: enable servers.ca or servers.pva")
-        if self.network.mode == NetworkMode.SIDECAR and not self.servers.pva.enabled:
+        if self.gateways is not None and self.gateways.bridge.enabled and self.servers.pva.enabled:
             raise ValueError(
-                "network.mode sidecar fronts the IOC's PVA server: enable servers.pva"
+                "the CA-to-PVA bridge is for IOCs without a PVA server: disable servers.pva "
+                "or the bridge"
             )
         if self.network.allowed_namespaces is not None and self.network.mode == NetworkMode.HOST:
             raise ValueError(
@@ -368,6 +449,32 @@ class IOCSpec(Model):
     @property
     def pva_gateway(self) -> PVAGateway:
         return (self.gateways or Gateways()).pva
+
+    @property
+    def ca_gateway(self) -> CAGateway:
+        return (self.gateways or Gateways()).ca
+
+    @property
+    def bridge(self) -> CAPVABridge:
+        return (self.gateways or Gateways()).bridge
+
+    @property
+    def runs_pvagw(self) -> bool:
+        return self.network.mode == NetworkMode.SIDECAR and self.servers.pva.enabled
+
+    @property
+    def runs_ca_gateway(self) -> bool:
+        return (self.network.mode == NetworkMode.SIDECAR and self.servers.ca.enabled
+                and self.ca_gateway.enabled)
+
+    @property
+    def runs_bridge(self) -> bool:
+        return self.network.mode == NetworkMode.SIDECAR and self.bridge.enabled
+
+    @property
+    def serves_pva(self) -> bool:
+        """PVA on the pod's address: the IOC's own server (through pvagw) or the bridge."""
+        return self.servers.pva.enabled or self.runs_bridge
 
 
 class Condition(Model):

@@ -32,25 +32,27 @@ SERVERS = {
 SUPPORTED = {
     "softioc-pvxs": ("host", "pod", "sidecar"),
     "softioc-classic": ("host", "pod", "sidecar"),
-    "caproto": ("host", "pod"),
+    "caproto": ("host", "pod", "sidecar"),
     "p4p": ("host", "pod", "sidecar"),
-    "pcaspy": ("host",),
+    "pcaspy": ("host", "sidecar"),
 }
 UNSUPPORTED = {  # (server, mode): the words of the refusal
-    ("caproto", "sidecar"): "enable servers.pva",
     ("pcaspy", "pod"): "network.mode: host",
-    ("pcaspy", "sidecar"): "enable servers.pva",
 }
 IOC_NODE, CLIENT_NODE, HOST_NODE = 0, 1, 2
 CA_LIBS, PVA_LIBS = ("pyepics", "caproto"), ("p4p",)
 
 
 def manifest(server: str, mode: str) -> dict[str, Any]:
+    """In sidecar mode every IOC gets the CA gateway (by default) and CA-only IOCs also
+    the CA-to-PVA bridge, so p4p reaches them too."""
     name = f"{server}-{mode}".replace("softioc-", "s")
+    spec = {"image": "lab", "prefix": f"{name.upper()}:", "servers": SERVERS[server],
+            "network": {"mode": mode}}
+    if mode == "sidecar" and SERVERS[server]["pva"].get("enabled") is False:
+        spec["gateways"] = {"bridge": {"enabled": True}}
     return {"apiVersion": "epics-operator.io/v1alpha1", "kind": "IOC",
-            "metadata": {"name": name, "namespace": "lab"},
-            "spec": {"image": "lab", "prefix": f"{name.upper()}:",
-                     "servers": SERVERS[server], "network": {"mode": mode}}}
+            "metadata": {"name": name, "namespace": "lab"}, "spec": spec}
 
 
 @pytest.fixture(scope="module")

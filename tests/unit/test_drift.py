@@ -38,7 +38,7 @@ def test_a_missing_service_port_alone_is_left_to_apply():
 
 
 def test_a_renumbered_container_port_is_replaced_in_that_container_only():
-    sts = _objects("sidecar")["StatefulSet"]
+    sts = _objects("pod")["StatefulSet"]
     live = copy.deepcopy(sts)
     ioc = live["spec"]["template"]["spec"]["containers"][0]
     ioc["ports"][0]["containerPort"] = 7064

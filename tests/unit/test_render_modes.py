@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from ioc_operator.clientenv import for_ioc
 from ioc_operator.errors import IOCValidationError
-from ioc_operator.render import render
+from ioc_operator.render import render, resolve_ports
 from ioc_operator.render.names import CONFIG_HASH_ANNOTATION
 
 from iocs import by_kind, env_of, make_ioc
@@ -72,13 +73,21 @@ def test_sidecar_moves_ioc_pva_to_loopback_and_adds_pvagw():
     kinds = by_kind(objects)
     assert list(kinds) == ["ConfigMap", "Service", "StatefulSet"]
     pod = pod_spec(objects)
-    ioc_c, gw = pod["containers"]
+    ioc_c, gw, cagw = pod["containers"]
     env = env_of(ioc_c)
     assert env["EPICS_PVAS_INTF_ADDR_LIST"] == "127.0.0.1"
     assert env["EPICS_PVAS_SERVER_PORT"] == "15075"
     assert env["EPICS_PVAS_BROADCAST_PORT"] == "15076"
-    assert env["EPICS_CAS_SERVER_PORT"] == "5064"  # CA stays on the pod IP
-    assert {p["name"] for p in ioc_c["ports"]} == {"ca-tcp", "ca-udp"}
+    assert env["EPICS_CAS_INTF_ADDR_LIST"] == "127.0.0.1"  # CA moves behind the gateway
+    assert env["EPICS_CAS_SERVER_PORT"] == "15064"
+    assert not ioc_c.get("ports")
+    assert "readinessProbe" not in ioc_c  # nothing of the IOC listens on the pod IP
+    assert cagw["name"] == "cagw"
+    assert cagw["command"] == ["ioc-ca-gateway"]
+    assert cagw["args"] == ["-sip", "$(POD_IP)", "-sport", "5064", "-cip", "127.0.0.1",
+                            "-cport", "15064", "-inactive_timeout", "60"]
+    assert {(p["containerPort"], p["protocol"]) for p in cagw["ports"]} == {
+        (5064, "TCP"), (5064, "UDP")}
     assert gw["name"] == "pvagw"
     assert gw["env"][0]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     assert gw["securityContext"]["runAsNonRoot"] is True
@@ -93,6 +102,57 @@ def test_sidecar_moves_ioc_pva_to_loopback_and_adds_pvagw():
     assert CONFIG_HASH_ANNOTATION in template_meta["annotations"]
     svc_ports = {p["name"] for p in kinds["Service"]["spec"]["ports"]}
     assert svc_ports == {"ca-tcp", "ca-udp", "pva-tcp", "pva-udp"}
+
+
+def test_sidecar_without_the_ca_gateway_keeps_ca_on_the_pod_ip():
+    ioc = make_ioc(network={"mode": "sidecar"}, gateways={"ca": {"enabled": False}})
+    ioc_c, gw = pod_spec(render(ioc))["containers"]
+    assert env_of(ioc_c)["EPICS_CAS_SERVER_PORT"] == "5064"
+    assert "EPICS_CAS_INTF_ADDR_LIST" not in env_of(ioc_c)
+    assert {p["name"] for p in ioc_c["ports"]} == {"ca-tcp", "ca-udp"}
+    assert gw["name"] == "pvagw"
+
+
+def test_ca_only_ioc_in_sidecar_mode_gets_the_ca_gateway_and_the_bridge():
+    ioc = make_ioc(network={"mode": "sidecar"},
+                   servers={"ca": {"implementation": "caproto"}, "pva": {"enabled": False}},
+                   gateways={"bridge": {"enabled": True, "readOnly": True},
+                             "ca": {"readOnly": True, "pvlist": ".*:SECRET DENY\n"}})
+    objects = render(ioc)
+    kinds = by_kind(objects)
+    ioc_c, cagw, bridge = pod_spec(objects)["containers"]
+    env = env_of(ioc_c)
+    # caproto reads EPICS_CA_SERVER_PORT
+    assert env["EPICS_CA_SERVER_PORT"] == env["EPICS_CAS_SERVER_PORT"] == "15064"
+    assert "EPICS_PVAS_SERVER_PORT" not in env
+    assert cagw["args"][-3:] == ["-pvlist", "/etc/cagw/pvlist", "-ro"]
+    assert kinds["ConfigMap"]["metadata"]["name"] == "ioc1-cagw"
+    assert kinds["ConfigMap"]["data"] == {"pvlist": ".*:SECRET DENY\n"}
+    assert bridge["command"] == ["ioc-ca-pva-bridge"]
+    assert bridge["args"] == ["--interface", "$(POD_IP)", "--server-port", "5075",
+                              "--broadcast-port", "5076", "--ca-addr-list", "127.0.0.1:15064",
+                              "--inactive-timeout", "60", "--read-only"]
+    svc_ports = {p["name"] for p in kinds["Service"]["spec"]["ports"]}
+    assert svc_ports == {"ca-tcp", "ca-udp", "pva-tcp", "pva-udp"}
+    env_out = for_ioc(ioc.spec, "198.19.1.9", resolve_ports(ioc.spec)).env()
+    assert env_out["EPICS_CA_NAME_SERVERS"] == "198.19.1.9:5064"  # the gateway answers
+    assert env_out["EPICS_PVA_NAME_SERVERS"] == "198.19.1.9:5075"  # the bridge answers
+
+
+def test_the_cpp_ca_gateway_gets_the_same_ports_and_an_access_file():
+    ioc = make_ioc(network={"mode": "sidecar"},
+                   gateways={"ca": {"implementation": "ca-gateway", "image": "site/cagw:2.1",
+                                    "command": ["/epics/bin/gateway"], "readOnly": True}})
+    objects = render(ioc)
+    cagw = pod_spec(objects)["containers"][2]
+    assert cagw["image"] == "site/cagw:2.1"
+    assert cagw["command"] == ["/epics/bin/gateway"]
+    assert cagw["args"][:8] == ["-sip", "$(POD_IP)", "-sport", "5064", "-cip", "127.0.0.1",
+                                "-cport", "15064"]
+    assert cagw["args"][-4:] == ["-access", "/etc/cagw/access", "-home", "/run/cagw"]
+    cms = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
+    assert "RULE(1, READ)" in cms["ioc1-cagw"]["data"]["access"]
+    assert {m["mountPath"] for m in cagw["volumeMounts"]} == {"/etc/cagw", "/run/cagw"}
 
 
 def test_gateway_config_change_rolls_the_pod():

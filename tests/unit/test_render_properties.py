@@ -115,10 +115,11 @@ def resolved_clash(spec: dict[str, Any]) -> bool:
     and protocol twice: CA TCP vs PVA server TCP, CA UDP vs PVA search UDP). The model
     accepts such specs; see test_intra_pod_port_collision_is_refused_offline (a bug)."""
     servers = spec.get("servers") or {}
-    if not ((servers.get("ca") or {}).get("enabled", True)
-            and (servers.get("pva") or {}).get("enabled", True)):
-        return False
     network = spec.get("network") or {}
+    bridge = ((spec.get("gateways") or {}).get("bridge") or {}).get("enabled", False)
+    if not ((servers.get("ca") or {}).get("enabled", True)
+            and ((servers.get("pva") or {}).get("enabled", True) or bridge)):
+        return False
     explicit = network.get("ports") or {}
     if network.get("mode") == "host":  # unset ports are allocated around explicit ones
         ca, server, bcast = (explicit.get(k) for k in ("ca", "pvaServer", "pvaBroadcast"))
@@ -130,9 +131,14 @@ def resolved_clash(spec: dict[str, Any]) -> bool:
 @st.composite
 def valid_specs(draw: st.DrawFn, name: str = "ioc") -> dict[str, Any]:
     mode = draw(st.sampled_from(["host", "pod", "sidecar"]))
-    ca_impls = ["rsrv", "caproto"] + (["pcas"] if mode == "host" else [])
     ca_on = draw(st.booleans())
-    pva_on = True if (mode == "sidecar" or not ca_on) else draw(st.booleans())
+    pva_on = True if not ca_on else draw(st.booleans())
+    # sidecar mode: which gateways run (at least one must)
+    cagw_on = mode == "sidecar" and ca_on and draw(st.booleans())
+    bridge_on = mode == "sidecar" and not pva_on and draw(st.booleans())
+    if mode == "sidecar" and not (pva_on or cagw_on or bridge_on):
+        cagw_on = True
+    ca_impls = ["rsrv", "caproto"] + (["pcas"] if mode == "host" or cagw_on else [])
     ca: dict[str, Any] = {}
     if not ca_on:
         ca["enabled"] = False
@@ -152,7 +158,7 @@ def valid_specs(draw: st.DrawFn, name: str = "ioc") -> dict[str, Any]:
         network["ports"] = port_map
     if mode != "host" and draw(st.booleans()):
         network["allowedNamespaces"] = draw(st.lists(names, min_size=1, max_size=3))
-    ca_tcp_search = not ca_on or ca.get("implementation", "rsrv") != "caproto"
+    ca_tcp_search = not ca_on or cagw_on or ca.get("implementation", "rsrv") != "caproto"
     pva_tcp_search = not pva_on or mode == "sidecar" or pva.get(
         "implementation", "pvxs") == "pvxs"
     if ca_tcp_search and pva_tcp_search:
@@ -164,17 +170,10 @@ def valid_specs(draw: st.DrawFn, name: str = "ioc") -> dict[str, Any]:
         spec["servers"] = servers
     if network:
         spec["network"] = network
-    if mode == "sidecar" and draw(st.booleans()):
-        gw: dict[str, Any] = {}
-        _opt(draw, gw, "image", images)
-        _opt(draw, gw, "readOnly", st.booleans())
-        _opt(draw, gw, "statusPrefix", prefixes)
-        internal = draw(st.lists(ports, min_size=2, max_size=2, unique=True).filter(
-            lambda p: not ca_on or port_map.get("ca", 5064) not in p))
-        if draw(st.booleans()):
-            gw["internalServerPort"], gw["internalBroadcastPort"] = internal
-        _opt(draw, gw, "resources", resources())
-        spec["gateways"] = {"pva": gw} if gw or draw(st.booleans()) else {}
+    if mode == "sidecar":
+        gateways = draw(sidecar_gateways(ca_on, cagw_on, bridge_on, port_map))
+        if gateways is not None:
+            spec["gateways"] = gateways
     gw_set = ((spec.get("gateways") or {}).get("pva") or {})
     internal_ports = (gw_set.get("internalServerPort", 15075),
                       gw_set.get("internalBroadcastPort", 15076))
@@ -226,6 +225,46 @@ def valid_specs(draw: st.DrawFn, name: str = "ioc") -> dict[str, Any]:
 
 
 @st.composite
+def sidecar_gateways(draw: st.DrawFn, ca_on: bool, cagw_on: bool, bridge_on: bool,
+                     port_map: dict[str, int]) -> dict[str, Any] | None:
+    """gateways: for a sidecar IOC (None: left out, where the defaults fit)."""
+    gw: dict[str, Any] = {}
+    _opt(draw, gw, "image", images)
+    _opt(draw, gw, "readOnly", st.booleans())
+    _opt(draw, gw, "statusPrefix", prefixes)
+    internal = draw(st.lists(ports, min_size=3, max_size=3, unique=True).filter(
+        lambda p: not ca_on or port_map.get("ca", 5064) not in p[:2]))
+    if draw(st.booleans()):
+        gw["internalServerPort"], gw["internalBroadcastPort"] = internal[:2]
+    _opt(draw, gw, "resources", resources())
+    ca: dict[str, Any] = {} if cagw_on else {"enabled": False}
+    if cagw_on and draw(st.booleans()):
+        ca["enabled"] = True
+    cpp = draw(st.booleans())
+    if cpp:
+        ca["implementation"] = "ca-gateway"
+        ca["image"] = draw(images)
+        _opt(draw, ca, "command", st.just(["/epics/ca-gateway/bin/linux-x86_64/gateway"]))
+        _opt(draw, ca, "access", st.just("ASG(DEFAULT) {\n RULE(1, READ)\n}\n"))
+    if "access" not in ca:
+        _opt(draw, ca, "readOnly", st.booleans())
+    _opt(draw, ca, "pvlist", st.sampled_from(
+        ["EVALUATION ORDER ALLOW, DENY\n.* ALLOW\n", ".*:SECRET DENY\n"]))
+    if draw(st.booleans()):  # the third distinct port: never one of pvagw's
+        ca["internalPort"] = internal[2]
+    _opt(draw, ca, "inactiveTimeoutSeconds", st.integers(1, 86400))
+    _opt(draw, ca, "resources", resources())
+    bridge: dict[str, Any] = {"enabled": True} if bridge_on else {}
+    _opt(draw, bridge, "image", images)
+    _opt(draw, bridge, "readOnly", st.booleans())
+    out = {k: v for k, v in (("pva", gw), ("ca", ca), ("bridge", bridge))
+           if v or draw(st.booleans())}
+    if out or not cagw_on or bridge_on or draw(st.booleans()):
+        return out
+    return None
+
+
+@st.composite
 def valid_manifests(draw: st.DrawFn, namespace: str = "ns",
                     with_uid: bool | None = None) -> dict[str, Any]:
     name = draw(long_names)
@@ -262,6 +301,7 @@ def _force_mode(spec: dict[str, Any], mode: str) -> None:
         spec.pop("gateways", None)
     else:
         _sub(servers, "pva")["enabled"] = True
+        (spec.get("gateways") or {}).pop("bridge", None)
     if mode == "host":
         net.pop("allowedNamespaces", None)
     elif _sub(servers, "ca").get("implementation") == "pcas":
@@ -339,12 +379,10 @@ def _no_server(draw: st.DrawFn, spec: dict[str, Any]) -> str:
     return "both servers disabled"
 
 
-def _sidecar_without_pva(draw: st.DrawFn, spec: dict[str, Any]) -> str:
+def _bridge_with_pva(draw: st.DrawFn, spec: dict[str, Any]) -> str:
     _force_mode(spec, "sidecar")
-    _sub(spec, "servers", "ca")["enabled"] = True
-    _sub(spec, "servers", "ca")["implementation"] = draw(st.sampled_from(["rsrv", "caproto"]))
-    _sub(spec, "servers", "pva")["enabled"] = False
-    return "sidecar without PVA"
+    _sub(spec, "gateways", "bridge")["enabled"] = True
+    return "CA-to-PVA bridge for an IOC that serves PVA"
 
 
 def _host_allowed_namespaces(draw: st.DrawFn, spec: dict[str, Any]) -> str:
@@ -390,10 +428,17 @@ def _missing_required(draw: st.DrawFn, spec: dict[str, Any]) -> str:
 
 
 # Semantic rules: the CRD cannot see them; the operator refuses with InvalidSpec.
+def _no_ca_gateway(spec: dict[str, Any]) -> None:
+    """Sidecar mode without the CA gateway: the IOC's own CA server serves the pod IP."""
+    if spec["network"]["mode"] == "sidecar":
+        _sub(spec, "gateways", "ca")["enabled"] = False
+
+
 def _pcas_outside_host(draw: st.DrawFn, spec: dict[str, Any]) -> str:
     _force_mode(spec, draw(st.sampled_from(["pod", "sidecar"])))
     _sub(spec, "servers", "ca").update(enabled=True, implementation="pcas")
-    return "pcas outside host mode"
+    _no_ca_gateway(spec)
+    return "pcas on a pod network, not behind the CA gateway"
 
 
 def _classic_requires_name_servers(draw: st.DrawFn, spec: dict[str, Any]) -> str:
@@ -411,7 +456,8 @@ def _caproto_requires_name_servers(draw: st.DrawFn, spec: dict[str, Any]) -> str
     _sub(spec, "network")["requireNameServers"] = True
     if spec["network"]["mode"] != "sidecar":
         _sub(spec, "servers", "pva")["implementation"] = "pvxs"
-    return "caproto with requireNameServers"
+    _no_ca_gateway(spec)
+    return "caproto with requireNameServers, not behind the CA gateway"
 
 
 def _gateway_internal_ports(draw: st.DrawFn, spec: dict[str, Any]) -> str:
@@ -453,7 +499,7 @@ def _on_spec(fn: Any) -> Any:
 # (mutation, whether the API server refuses it too: SCHEMA, or only the operator)
 MUTATIONS = [(_on_spec(fn), SCHEMA) for fn in (
     _bad_enum, _bad_port, _unknown_field, _bad_prefix, _gateways_outside_sidecar,
-    _no_server, _sidecar_without_pva, _host_allowed_namespaces, _same_pva_ports,
+    _no_server, _bridge_with_pva, _host_allowed_namespaces, _same_pva_ports,
     _bad_field_value, _missing_required)] + [(_bad_name, SCHEMA)] + [
     (_on_spec(fn), SEMANTIC) for fn in (
         _pcas_outside_host, _classic_requires_name_servers,
@@ -525,7 +571,7 @@ def structural_problems(objects: list[dict[str, Any]], mode: str) -> list[str]:
     """What the Kubernetes API server would refuse (or what breaks an IOC) in the
     rendered objects, as far as a local check can tell."""
     problems: list[str] = []
-    kinds = [o["kind"] for o in objects]
+    kinds = [o["kind"] for o in objects if o["kind"] != "ConfigMap"]
     if len(set(kinds)) != len(kinds):
         problems.append(f"two objects of one kind: {kinds}")
     by_kind = {o["kind"]: o for o in objects}
@@ -626,9 +672,16 @@ def structural_problems(objects: list[dict[str, Any]], mode: str) -> list[str]:
         if svc is None or {(p["port"], p["protocol"]) for p in policy["spec"]["ingress"][0][
                 "ports"]} != {(p["port"], p["protocol"]) for p in svc["spec"]["ports"]}:
             problems.append("NetworkPolicy ports are not the Service ports")
-    cm = by_kind.get("ConfigMap")
-    if (cm is not None) != (mode == "sidecar"):
-        problems.append(f"pvagw ConfigMap present={cm is not None} in {mode} mode")
+    config_maps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
+    cm = next((c for n, c in config_maps.items() if n.endswith("-pvagw")), None)
+    runs_pvagw = "pvagw" in container_names
+    if (cm is not None) != runs_pvagw:
+        problems.append(f"pvagw ConfigMap present={cm is not None}, pvagw runs={runs_pvagw}")
+    if mode != "sidecar" and len(container_names) > 1:
+        problems.append(f"sidecars {container_names} in {mode} mode")
+    if mode == "sidecar" and len(container_names) < 2:
+        problems.append("sidecar mode without a gateway")
+    problems += _cagw_problems(pod, config_maps)
     if cm:
         config = json.loads(cm["data"][pvagw_render.CONFIG_KEY])
         server = config["servers"][0]
@@ -642,6 +695,28 @@ def structural_problems(objects: list[dict[str, Any]], mode: str) -> list[str]:
     pvc = by_kind.get("PersistentVolumeClaim")
     if pvc is not None and pvc["metadata"].get("ownerReferences"):
         problems.append("the autosave claim is owned (it must outlive the IOC)")
+    return problems
+
+
+def _cagw_problems(pod: dict[str, Any], config_maps: dict[str, Any]) -> list[str]:
+    """The CA gateway listens on its container ports and reaches the IOC where it went."""
+    gw = next((c for c in pod["containers"] if c["name"] == "cagw"), None)
+    if gw is None:
+        return []
+    problems = []
+    args = gw["args"]
+    flag = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("-")}
+    if {(p["containerPort"], p["protocol"]) for p in gw["ports"]} != {
+            (int(flag["-sport"]), "TCP"), (int(flag["-sport"]), "UDP")}:
+        problems.append("cagw listens elsewhere than its container ports")
+    ioc_env = {e["name"]: e.get("value") for e in pod["containers"][0].get("env", [])}
+    if ioc_env.get("EPICS_CAS_SERVER_PORT") != flag["-cport"] or ioc_env.get(
+            "EPICS_CAS_INTF_ADDR_LIST") != "127.0.0.1":
+        problems.append("cagw looks for the IOC elsewhere than it is")
+    for path in (flag.get("-pvlist"), flag.get("-access")):
+        if path and not any(path.endswith("/" + k) for c in config_maps.values()
+                            for k in c["data"]):
+            problems.append(f"cagw reads {path}, which no ConfigMap holds")
     return problems
 
 
@@ -781,7 +856,7 @@ def test_strategies_reach_every_mode_and_server():
     """Guard against a strategy that quietly stops covering part of the model."""
     seen: set[tuple[str, ...]] = set()
 
-    @settings(max_examples=200, deadline=None, database=None, derandomize=True,
+    @settings(max_examples=400, deadline=None, database=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
     @given(valid_manifests(), invalid_manifests())
     def collect(body, case):
@@ -794,6 +869,12 @@ def test_strategies_reach_every_mode_and_server():
             seen.add(("pva", s.servers.pva.implementation.value))
         if s.gateways is not None:
             seen.add(("gateways",))
+        for flag, what in ((s.runs_pvagw, "pvagw"), (s.runs_ca_gateway, "cagw"),
+                           (s.runs_bridge, "bridge")):
+            if flag:
+                seen.add(("sidecar", what))
+        if s.runs_ca_gateway and s.ca_gateway.implementation.value == "ca-gateway":
+            seen.add(("sidecar", "cagw:ca-gateway"))
         if s.network.ports.ca or s.network.ports.pva_server:
             seen.add(("explicit ports",))
         seen.add(("level", case[2]))
@@ -802,6 +883,7 @@ def test_strategies_reach_every_mode_and_server():
     collect()
     wanted = {("mode", m) for m in ("host", "pod", "sidecar")} | {
         ("ca", c) for c in ("rsrv", "caproto", "pcas")} | {
+        ("sidecar", c) for c in ("pvagw", "cagw", "bridge", "cagw:ca-gateway")} | {
         ("pva", p) for p in ("pvxs", "classic")} | {
         ("gateways",), ("explicit ports",), ("level", SCHEMA), ("level", SEMANTIC)}
     assert wanted <= seen, wanted - seen

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ioc_operator.errors import IOCValidationError
-from ioc_operator.render import parse_ioc
+from ioc_operator.render import parse_ioc, render
 
 from iocs import make_ioc
 
@@ -27,7 +27,7 @@ from iocs import make_ioc
                                                      "pva": {"enabled": False}}},
          "spec", "must serve CA or PVA"),
         ({"image": "x", "prefix": "A:", "network": {"mode": "sidecar"},
-          "servers": {"pva": {"enabled": False}}}, "spec", "enable servers.pva"),
+          "gateways": {"bridge": {"enabled": True}}}, "spec", "bridge is for IOCs without"),
         ({"image": "x", "prefix": "A:",
           "network": {"ports": {"pvaServer": 5090, "pvaBroadcast": 5090}}}, "spec",
          "pvaServer and ports.pvaBroadcast must differ"),
@@ -70,10 +70,30 @@ def test_ca_port_colliding_with_gateway_internal_port():
 
 
 @pytest.mark.parametrize("mode", ["pod", "sidecar"])
-def test_pcas_needs_host_mode(mode):
+def test_pcas_needs_host_mode_or_the_ca_gateway(mode):
     servers = {"ca": {"implementation": "pcas"}, "pva": {"enabled": mode == "sidecar"}}
+    gateways = {"gateways": {"ca": {"enabled": False}}} if mode == "sidecar" else {}
     with pytest.raises(IOCValidationError) as info:
-        make_ioc(network={"mode": mode}, servers=servers)
+        make_ioc(network={"mode": mode}, servers=servers, **gateways)
     assert info.value.field == "spec.servers.ca.implementation"
     assert "network.mode: host" in str(info.value)
     make_ioc(network={"mode": "host"}, servers=servers)
+    make_ioc(network={"mode": "sidecar"}, servers=servers)  # on loopback behind the gateway
+
+
+@pytest.mark.parametrize(("gateways", "field", "words"), [
+    ({"ca": {"enabled": False}}, "spec.network.mode", "no gateway to run"),
+    ({"ca": {"access": "ASG(DEFAULT) {}"}}, "spec.gateways.ca.access", "only for"),
+    ({"ca": {"command": ["gw"]}}, "spec.gateways.ca.command", "only for"),
+    ({"ca": {"implementation": "ca-gateway", "image": "gw:1", "readOnly": True,
+             "access": "ASG(DEFAULT) {}"}}, "spec.gateways.ca.readOnly", "not both"),
+    ({"ca": {"internalPort": 15075}, "pva": {}}, "spec.gateways.ca.internalPort",
+     "internalServerPort"),
+    ({"ca": {"implementation": "ca-gateway"}}, "spec.gateways.ca.image", "needs an image"),
+])
+def test_sidecar_gateway_settings_are_checked(gateways, field, words):
+    pva = {"enabled": "pva" in gateways}
+    with pytest.raises(IOCValidationError) as info:
+        render(make_ioc(network={"mode": "sidecar"}, servers={"pva": pva}, gateways=gateways))
+    assert info.value.field == field
+    assert words in str(info.value)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import subprocess
 import sys
 import time
@@ -52,6 +53,12 @@ def container_env(container: dict[str, Any], pod_ip: str, host_ip: str) -> dict[
         elif path := ((var.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath"):
             env[var["name"]] = fields[path]
     return env
+
+
+def expand(arg: str, env: dict[str, str]) -> str:
+    """$(VAR) in command and args, as the kubelet expands it (unknown names stay)."""
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                  lambda m: env.get(m.group(1), m.group(0)), arg)
 
 
 @dataclass
@@ -114,10 +121,11 @@ class LabRunner:
 
     def _sidecar(self, where: Pod | Node, container: dict[str, Any],
                  volumes: dict[str, Path], host_ip: str) -> subprocess.Popen[Any]:
-        argv = list(container.get("command", [])) + list(container.get("args", []))
+        env = container_env(container, where.ip, host_ip)
+        argv = [expand(a, env) for a in
+                list(container.get("command", [])) + list(container.get("args", []))]
         for mount in container.get("volumeMounts", []):  # a mount is a path rewrite here
             argv = [a.replace(mount["mountPath"], str(volumes[mount["name"]])) for a in argv]
-        env = container_env(container, where.ip, host_ip)
         env["PATH"] = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"
         proc = self.lab.spawn(where, argv, env,
                               log=self.lab.tmpdir / f"{container['name']}-{where.ns}.log")

@@ -6,6 +6,7 @@ are told comes from `clientenv`. Both are deterministic functions of their input
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,8 +15,8 @@ from pydantic import ValidationError
 from .. import capabilities
 from ..config import OperatorConfig
 from ..errors import IOCValidationError
-from ..models import IOC, CAImplementation, IOCSpec, NetworkMode
-from . import pvagw
+from ..models import IOC, CAGatewayImplementation, CAImplementation, IOCSpec, NetworkMode
+from . import cagw, names, pvagw
 from .policy import network_policy
 from .ports import ResolvedPorts, resolve_ports
 from .service import service
@@ -53,11 +54,12 @@ def check_semantics(ioc: IOC) -> None:
                 "network.mode: sidecar, whose pvagw answers them",
             )
     if (spec.servers.ca.enabled and spec.servers.ca.implementation == CAImplementation.PCAS
-            and spec.network.mode != NetworkMode.HOST):
+            and spec.network.mode != NetworkMode.HOST and not spec.runs_ca_gateway):
         raise IOCValidationError(
             "spec.servers.ca.implementation",
             "the portable CA server (pcas, pcaspy) needs an interface with a broadcast "
-            "address and aborts in a /32 pod network (Calico, ptp): use network.mode: host",
+            "address and aborts in a /32 pod network (Calico, ptp): use network.mode: host, "
+            "or sidecar, where it runs on loopback behind the CA gateway",
         )
     _check_ports(spec)
     names = [e.name for e in spec.env]
@@ -70,18 +72,40 @@ def check_semantics(ioc: IOC) -> None:
         raise IOCValidationError(
             "spec.env", f"{', '.join(clash)} is set by the operator: use spec.network.ports")
     if spec.network.mode == NetworkMode.SIDECAR:
+        _check_sidecars(spec)
+
+
+def _check_sidecars(spec: IOCSpec) -> None:
+    if not (spec.runs_pvagw or spec.runs_ca_gateway or spec.runs_bridge):
+        raise IOCValidationError(
+            "spec.network.mode",
+            "sidecar mode with no gateway to run: serve PVA (pvagw fronts it), keep "
+            "gateways.ca enabled, or enable gateways.bridge; or use network.mode: pod",
+        )
+    ports = resolve_ports(spec)
+    internal: dict[int, str] = {}  # loopback port -> the field that moved a server there
+    if spec.runs_pvagw:
         gw = spec.pva_gateway
-        ports = resolve_ports(spec)
-        internal = {gw.internal_server_port, gw.internal_broadcast_port}
-        if len(internal) != 2:
+        if gw.internal_server_port == gw.internal_broadcast_port:
             raise IOCValidationError(
-                "spec.gateways.pva.internalBroadcastPort",
-                "must differ from internalServerPort",
-            )
+                "spec.gateways.pva.internalBroadcastPort", "must differ from internalServerPort")
+        internal[gw.internal_server_port] = "spec.gateways.pva.internalServerPort"
+        internal[gw.internal_broadcast_port] = "spec.gateways.pva.internalBroadcastPort"
         if spec.servers.ca.enabled and ports.ca in internal:
             raise IOCValidationError(
-                "spec.network.ports.ca", "collides with the gateway's internal PVA ports"
-            )
+                "spec.network.ports.ca", "collides with the gateway's internal PVA ports")
+    ca = spec.ca_gateway
+    if spec.runs_ca_gateway and ca.internal_port in internal:
+        raise IOCValidationError(
+            "spec.gateways.ca.internalPort", f"collides with {internal[ca.internal_port]}")
+    if ca.implementation == CAGatewayImplementation.BUILTIN and (ca.access or ca.command):
+        field = "access" if ca.access else "command"
+        raise IOCValidationError(
+            f"spec.gateways.ca.{field}",
+            "only for implementation: ca-gateway (the builtin gateway has readOnly and pvlist)")
+    if ca.access is not None and ca.read_only:
+        raise IOCValidationError(
+            "spec.gateways.ca.readOnly", "set readOnly or an access file, not both")
 
 
 def _check_ports(spec: IOCSpec) -> None:
@@ -95,9 +119,9 @@ def _check_ports(spec: IOCSpec) -> None:
         return given if host else value
 
     ca = chosen(ports.ca, explicit.ca) if spec.servers.ca.enabled else None
-    pva_tcp = chosen(ports.pva_server, explicit.pva_server) if spec.servers.pva.enabled else None
+    pva_tcp = chosen(ports.pva_server, explicit.pva_server) if spec.serves_pva else None
     pva_udp = (chosen(ports.pva_broadcast, explicit.pva_broadcast)
-               if spec.servers.pva.enabled else None)
+               if spec.serves_pva else None)
     for proto, pair in (("TCP", (ca, pva_tcp)), ("UDP", (ca, pva_udp))):
         if None not in pair and pair[0] == pair[1]:
             raise IOCValidationError(
@@ -112,12 +136,25 @@ def render(
     config = config or OperatorConfig()
     check_semantics(ioc)
     ports = resolve_ports(ioc.spec, allocated)
+    spec = ioc.spec
+    if (spec.runs_ca_gateway and spec.ca_gateway.implementation ==
+            CAGatewayImplementation.CA_GATEWAY and not spec.ca_gateway.image
+            and not config.ca_gateway_image):
+        raise IOCValidationError(
+            "spec.gateways.ca.image",
+            "implementation ca-gateway needs an image with EPICS' ca-gateway (the operator "
+            "has no default: IOC_OPERATOR_CA_GATEWAY_IMAGE is unset)")
     objects: list[dict[str, Any]] = []
-    config_hash = None
-    if ioc.spec.network.mode == NetworkMode.SIDECAR:
-        cm = pvagw.config_map(ioc, ports)
-        config_hash = pvagw.config_hash(cm["data"][pvagw.CONFIG_KEY])
-        objects.append(cm)
+    configs = []
+    if spec.runs_pvagw:
+        configs.append(pvagw.config_map(ioc, ports))
+    if spec.runs_ca_gateway and (cm := cagw.config_map(ioc)):
+        configs.append(cm)
+    objects += configs
+    # A changed gateway config must restart the pod: its hash is in the pod template.
+    texts = [json.dumps(c["data"], sort_keys=True) if c["metadata"]["name"] ==
+             names.cagw_config_name(ioc) else c["data"][pvagw.CONFIG_KEY] for c in configs]
+    config_hash = pvagw.config_hash("".join(texts)) if texts else None
     if ioc.spec.autosave.enabled:
         objects.append(autosave_claim(ioc))
     if ioc.spec.network.mode != NetworkMode.HOST:

@@ -63,5 +63,9 @@ def pvagw_config_name(ioc: IOC) -> str:
     return f"{ioc.metadata.name}-pvagw"
 
 
+def cagw_config_name(ioc: IOC) -> str:
+    return f"{ioc.metadata.name}-cagw"
+
+
 def autosave_claim_name(ioc: IOC) -> str:
     return f"{ioc.metadata.name}-autosave"

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from typing import Any
 
 from ..config import OperatorConfig
 from ..models import IOC
-from . import names
+from . import names, sidecars
 from .ports import ResolvedPorts
 
 POD_IP_TOKEN = "@POD_IP@"
@@ -76,27 +77,14 @@ def container(ioc: IOC, ports: ResolvedPorts, config: OperatorConfig) -> dict[st
         "name": "pvagw",
         "image": gw.image or config.gateway_image,
         "command": ["/bin/sh", "-c", script],
-        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
-        "ports": [
-            {"name": "pva-tcp", "containerPort": ports.pva_server, "protocol": "TCP"},
-            {"name": "pva-udp", "containerPort": ports.pva_broadcast, "protocol": "UDP"},
-        ],
-        "readinessProbe": {
-            "tcpSocket": {"port": ports.pva_server},
-            "periodSeconds": 10,
-            "failureThreshold": 3,
-        },
+        "env": [sidecars.POD_IP_ENV],
+        "ports": sidecars.ports("pva", ports.pva_server, ports.pva_broadcast),
+        "readinessProbe": sidecars.readiness(ports.pva_server),
         "volumeMounts": [
             {"name": "pvagw-config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "pvagw-run", "mountPath": RUN_DIR},
         ],
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": 65532,
-            "readOnlyRootFilesystem": True,
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": copy.deepcopy(sidecars.SECURITY_CONTEXT),
     }
     resources = gw.resources.model_dump(exclude_defaults=True)
     if resources:

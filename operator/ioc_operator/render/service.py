@@ -22,7 +22,7 @@ def service_ports(ioc: IOC, ports: ResolvedPorts) -> list[dict[str, Any]]:
             {"name": "ca-tcp", "protocol": "TCP", "port": ports.ca, "targetPort": ports.ca},
             {"name": "ca-udp", "protocol": "UDP", "port": ports.ca, "targetPort": ports.ca},
         ]
-    if spec.servers.pva.enabled:
+    if spec.serves_pva:
         out += [
             {"name": "pva-tcp", "protocol": "TCP", "port": ports.pva_server,
              "targetPort": ports.pva_server},

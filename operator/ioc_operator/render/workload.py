@@ -11,7 +11,7 @@ from typing import Any
 
 from ..config import OperatorConfig
 from ..models import IOC, CAImplementation, NetworkMode
-from . import names, pvagw
+from . import bridge, cagw, names, pvagw
 from .ports import ResolvedPorts
 
 
@@ -20,13 +20,17 @@ def server_env(ioc: IOC, ports: ResolvedPorts) -> list[dict[str, Any]]:
     spec = ioc.spec
     env: list[dict[str, Any]] = []
     if spec.servers.ca.enabled:
-        env.append({"name": "EPICS_CAS_SERVER_PORT", "value": str(ports.ca)})
+        ca_port = ports.ca
+        if spec.runs_ca_gateway:  # the gateway serves the pod IP; the IOC moves to loopback
+            ca_port = spec.ca_gateway.internal_port
+            env.append({"name": "EPICS_CAS_INTF_ADDR_LIST", "value": "127.0.0.1"})
+        env.append({"name": "EPICS_CAS_SERVER_PORT", "value": str(ca_port)})
         if spec.servers.ca.implementation == CAImplementation.CAPROTO:
             # caproto reads only EPICS_CA_SERVER_PORT. rsrv and pcas read the CAS name,
             # and EPICS_CA_SERVER_PORT would also move their own CA client's searches.
-            env.append({"name": "EPICS_CA_SERVER_PORT", "value": str(ports.ca)})
+            env.append({"name": "EPICS_CA_SERVER_PORT", "value": str(ca_port)})
     if spec.servers.pva.enabled:
-        if spec.network.mode == NetworkMode.SIDECAR:
+        if spec.runs_pvagw:
             gw = spec.pva_gateway
             env += [
                 {"name": "EPICS_PVAS_INTF_ADDR_LIST", "value": "127.0.0.1"},
@@ -46,7 +50,7 @@ def container_ports(ioc: IOC, ports: ResolvedPorts) -> list[dict[str, Any]]:
     scheduler refuse to put two IOCs that need the same port on one node."""
     spec = ioc.spec
     out: list[dict[str, Any]] = []
-    if spec.servers.ca.enabled:
+    if spec.servers.ca.enabled and not spec.runs_ca_gateway:
         out += [
             {"name": "ca-tcp", "containerPort": ports.ca, "protocol": "TCP"},
             {"name": "ca-udp", "containerPort": ports.ca, "protocol": "UDP"},
@@ -66,12 +70,12 @@ def readiness_probe(ioc: IOC, ports: ResolvedPorts) -> dict[str, Any] | None:
     """Ready once the server listens where clients are told to go. rsrv and pvxs move
     to a random TCP port when theirs is taken; this catches that."""
     spec = ioc.spec
-    if spec.servers.ca.enabled:
+    if spec.servers.ca.enabled and not spec.runs_ca_gateway:
         port = ports.ca
-    elif spec.network.mode != NetworkMode.SIDECAR:
+    elif spec.servers.pva.enabled and not spec.runs_pvagw:
         port = ports.pva_server
     else:
-        return None  # the IOC's PVA server is on loopback; the pvagw probe covers it
+        return None  # the IOC's servers are on loopback; the gateways' probes cover them
     return {"tcpSocket": {"port": port}, "periodSeconds": 10, "failureThreshold": 3}
 
 
@@ -133,9 +137,14 @@ def pod_spec(ioc: IOC, ports: ResolvedPorts, config: OperatorConfig) -> dict[str
                 "persistentVolumeClaim": {"claimName": names.autosave_claim_name(ioc)},
             }
         )
-    if spec.network.mode == NetworkMode.SIDECAR:
+    if spec.runs_pvagw:
         pod["containers"].append(pvagw.container(ioc, ports, config))
         volumes += pvagw.volumes(ioc)
+    if spec.runs_ca_gateway:
+        pod["containers"].append(cagw.container(ioc, ports, config))
+        volumes += cagw.volumes(ioc)
+    if spec.runs_bridge:
+        pod["containers"].append(bridge.container(ioc, ports, config))
     if volumes:
         pod["volumes"] = volumes
     if sched.node_name:

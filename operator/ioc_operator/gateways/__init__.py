@@ -1,0 +1,1 @@
+"""Sidecar processes that run beside an IOC in sidecar mode (not part of the operator)."""
