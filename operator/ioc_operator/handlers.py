@@ -18,13 +18,14 @@ from typing import Any
 import kopf
 import urllib3
 
-from . import GROUP, PLURAL, VERSION, resync
+from . import GROUP, PLURAL, VERSION, prefixes, resync
 from .allocation import Allocation, allocate, host_ioc, placed
 from .conditions import Cond, merge_conditions, transitions
 from .config import OperatorConfig
 from .directory import COMPONENT as DIRECTORY_COMPONENT
 from .kube import Kube, KubeError, load_client
 from .models import IOC
+from .prefixes import PrefixHolder
 from .publish import DirectoryPublisher
 from .reconcile import event_type, reconcile
 from .render.names import MANAGED_BY
@@ -146,13 +147,21 @@ def _write_status(memo: kopf.Memo, body: dict[str, Any], status: dict[str, Any],
         kopf.event(fresh, type=event_type(cond), reason=cond.reason, message=cond.message)
 
 
-def _run(body: dict[str, Any], memo: kopf.Memo, host_iocs: kopf.Index) -> None:
+def _prefix_holders(memo: kopf.Memo, index: kopf.Index, namespace: str) -> list[PrefixHolder]:
+    return [h for h in list(index.get(namespace, [])) if h.uid not in memo.gone]
+
+
+def _run(body: dict[str, Any], memo: kopf.Memo, host_iocs: kopf.Index,
+         ioc_prefixes: kopf.Index) -> None:
     """Reconcile one IOC and write its status."""
     uid = body["metadata"]["uid"]
+    me = prefixes.holder(body)
+    owner = prefixes.taken_by(me, _prefix_holders(memo, ioc_prefixes, body["metadata"][
+        "namespace"]))
     with _locks[uid]:
         try:
             outcome = reconcile(memo.kube, body, memo.config, _allocator(memo, host_iocs),
-                                _applied)
+                                _applied, owner)
             _write_status(memo, body, outcome.status, outcome.conditions)
         except KubeError as exc:
             raise kopf.TemporaryError(f"API error, retrying: {exc}", delay=RETRY_DELAY) from exc
@@ -186,8 +195,9 @@ def _recheck(memo: kopf.Memo, keys: list[str], body: dict[str, Any]) -> None:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
-def ioc_changed(body: kopf.Body, memo: kopf.Memo, host_iocs: kopf.Index, **_: Any) -> None:
-    _run(dict(body), memo, host_iocs)
+def ioc_changed(body: kopf.Body, memo: kopf.Memo, host_iocs: kopf.Index,
+                ioc_prefixes: kopf.Index, **_: Any) -> None:
+    _run(dict(body), memo, host_iocs, ioc_prefixes)
 
 
 def _owner_ioc(body: kopf.Body) -> str | None:
@@ -214,8 +224,8 @@ def _nothing_to_do(body: kopf.Body, event_type: str | None, ioc: dict[str, Any])
     return ((sts.get("readyReplicas") or 0) >= 1) == (ready.get("status") == "True")
 
 
-def _child_event(body: kopf.Body, memo: kopf.Memo, logger: Any,
-                 host_iocs: kopf.Index, event_type: str | None = None) -> None:
+def _child_event(body: kopf.Body, memo: kopf.Memo, logger: Any, host_iocs: kopf.Index,
+                 ioc_prefixes: kopf.Index, event_type: str | None = None) -> None:
     """An owned object changed or vanished: reconcile its IOC (recreates, reverts drift,
     refreshes readiness). Server-side apply of unchanged objects writes nothing."""
     name = _owner_ioc(body)
@@ -228,7 +238,7 @@ def _child_event(body: kopf.Body, memo: kopf.Memo, logger: Any,
     if _nothing_to_do(body, event_type, ioc):
         return
     try:
-        _run(ioc, memo, host_iocs)
+        _run(ioc, memo, host_iocs, ioc_prefixes)
     except kopf.TemporaryError as exc:
         logger.warning("reconcile of IOC %s/%s deferred: %s", namespace, name, exc)
 
@@ -238,14 +248,15 @@ def _child_event(body: kopf.Body, memo: kopf.Memo, logger: Any,
 @kopf.on.event("", "v1", "configmaps", labels=MANAGED)
 @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED)
 def owned_object_event(body: kopf.Body, event: kopf.RawEvent, memo: kopf.Memo, logger: Any,
-                       client_envs: kopf.Index, host_iocs: kopf.Index, **_: Any) -> None:
+                       client_envs: kopf.Index, host_iocs: kopf.Index,
+                       ioc_prefixes: kopf.Index, **_: Any) -> None:
     labels = body.get("metadata", {}).get("labels") or {}
     if labels.get("app.kubernetes.io/component") == DIRECTORY_COMPONENT:
         namespace = body["metadata"]["namespace"]
         memo.directory.forget(namespace)  # changed or deleted by hand: write it again
         _publish(memo, client_envs, namespace)
         return
-    _child_event(body, memo, logger, host_iocs, event.get("type"))
+    _child_event(body, memo, logger, host_iocs, ioc_prefixes, event.get("type"))
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
@@ -254,6 +265,12 @@ def host_iocs(body: kopf.Body, spec: kopf.Spec, **_: Any) -> dict[str, Any] | No
     if (spec.get("network") or {}).get("mode") != "host":
         return None
     return {"host": host_ioc(dict(body))}
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def ioc_prefixes(body: kopf.Body, namespace: str, **_: Any) -> dict[str, Any]:
+    """Each IOC's PV prefix, by namespace: two IOCs must not serve the same PV names."""
+    return {namespace: prefixes.holder(dict(body))}
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
@@ -281,10 +298,16 @@ def _publish(memo: kopf.Memo, index: kopf.Index, namespace: str) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def ioc_event(event: kopf.RawEvent, namespace: str, name: str, spec: kopf.Spec,
-              memo: kopf.Memo, client_envs: kopf.Index, **_: Any) -> None:
+def ioc_event(event: kopf.RawEvent, body: kopf.Body, namespace: str, name: str,
+              spec: kopf.Spec, memo: kopf.Memo, client_envs: kopf.Index,
+              ioc_prefixes: kopf.Index, **_: Any) -> None:
     """Any IOC change (status included) or deletion: refresh its namespace's directory,
-    and release its host ports once it is gone or no longer in host mode."""
+    release its host ports once it is gone or no longer in host mode, and let IOCs
+    refused for its prefix try again once it gave the prefix up."""
+    freed = [n for n in prefixes.freed(_prefix_holders(memo, ioc_prefixes, namespace))
+             if n != name]
+    if freed:
+        _recheck(memo, [f"{namespace}/{n}" for n in freed], dict(body))
     if event.get("type") == "DELETED":
         _applied.pop((event.get("object") or {}).get("metadata", {}).get("uid", ""), None)
     if event.get("type") == "DELETED" or (spec.get("network") or {}).get("mode") != "host":

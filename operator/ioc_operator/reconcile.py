@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import clientenv, drift
+from . import clientenv, drift, prefixes
 from .allocation import Allocation, PortRangeExhausted
 from .conditions import Cond
 from .config import OperatorConfig
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # Kinds the operator may delete again when an IOC no longer renders them (PVCs: never).
 PRUNABLE = (("v1", "Service"), ("v1", "ConfigMap"), ("networking.k8s.io/v1", "NetworkPolicy"))
 FAILURE_REASONS = {"InvalidSpec", "Rejected", "PortConflict", "ExplicitPortClash",
+                   prefixes.REASON,
                    "PortRangeExhausted", "Unreachable"}
 Allocator = Callable[[IOC, dict[str, Any]], Allocation]
 
@@ -51,14 +52,20 @@ class Observed:
 
 def reconcile(kube: Kube, body: dict[str, Any], config: OperatorConfig,
               allocator: Allocator | None = None,
-              applied: dict[str, str] | None = None) -> Outcome:
+              applied: dict[str, str] | None = None,
+              prefix_taken_by: str | None = None) -> Outcome:
     """Bring the objects of one IOC in line with its spec. Raises KubeError only for
-    passing faults (the caller retries); a user's mistake becomes a condition."""
+    passing faults (the caller retries); a user's mistake becomes a condition.
+    `prefix_taken_by`: an older IOC of the namespace with the same PV prefix."""
     meta = body.get("metadata", {})
     generation = meta.get("generation")
     allocation = None
     try:
         ioc = parse_ioc(body)
+        if prefix_taken_by:
+            return _refused(prefixes.REASON, (
+                f"spec.prefix: {ioc.spec.prefix!r} is also the prefix of the older IOC "
+                f"{prefix_taken_by} in this namespace; clients would find its PVs twice"))
         if ioc.spec.network.mode == NetworkMode.HOST and allocator:
             allocation = allocator(ioc, body)
             if allocation.refused:

@@ -195,6 +195,27 @@ def test_semantic_error_is_a_condition_and_warning_and_applies_nothing(kube, ope
     assert kube.get("v1", "Service", namespace, "ioc-g") is None
 
 
+def test_duplicate_prefix_is_refused_until_the_older_ioc_gives_it_up(kube, operator,
+                                                                    namespace):
+    kube.create(ioc_manifest("first", namespace, prefix="BL07:"))
+    wait_for("first reconciled", lambda: reconciled(kube, namespace, "first"))
+    kube.create(ioc_manifest("second", namespace, prefix="BL07:"))
+    ioc = wait_for("second refused", lambda: reconciled(kube, namespace, "second"))
+    cond = condition(ioc, "Reconciled")
+    assert cond["status"] == "False" and cond["reason"] == "DuplicatePrefix"
+    assert "'BL07:' is also the prefix of the older IOC first" in cond["message"]
+    warnings = wait_for("warning event", lambda: [
+        e for e in events_for(kube, namespace, "second") if e["reason"] == "DuplicatePrefix"])
+    assert warnings[0]["type"] == "Warning"
+    assert kube.get("apps/v1", "StatefulSet", namespace, "second") is None
+    assert condition(get_ioc(kube, namespace, "first"), "Reconciled")["status"] == "True"
+    # another namespace may use the prefix; here, deleting the older IOC frees it
+    kube.delete(IOC_API, "IOC", namespace, "first")
+    wait_for("second applied", lambda: (condition(get_ioc(kube, namespace, "second"),
+                                                  "Reconciled") or {}).get("reason") == "Applied")
+    assert kube.get("apps/v1", "StatefulSet", namespace, "second") is not None
+
+
 def test_object_refused_by_api_server_is_not_half_applied(kube, operator, namespace):
     """A bad affinity passes the IOC schema (it is free-form) but the StatefulSet is
     refused: the dry run catches it before the Service is created."""

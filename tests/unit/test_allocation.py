@@ -91,3 +91,18 @@ def test_explicit_port_evicts_an_allocation_which_then_moves():
     assert got.ports.ca == 5064 and got.evicts == ("ns/auto",) and got.refused is None
     moved = allocate(auto, [HostIOC(pinned.key, "n1", pinned.explicit, ports(got), "2")])
     assert moved.ports.ca != 5064 and moved.ports.pva_server == 5075
+
+
+# ---- duplicate PV prefixes (prefixes.py): the same rule, older keeps it
+
+def test_the_older_ioc_keeps_a_prefix_and_a_refused_one_is_freed_when_it_goes():
+    from ioc_operator.prefixes import PrefixHolder, freed, taken_by
+
+    a = PrefixHolder("a", "u1", "BL01:", "2026-01-01T00:00:00Z", False)
+    b = PrefixHolder("b", "u2", "BL01:", "2026-01-02T00:00:00Z", True)
+    c = PrefixHolder("c", "u3", "BL02:", "2026-01-03T00:00:00Z", False)
+    assert taken_by(b, [a, b, c]) == "a"
+    assert taken_by(a, [a, b, c]) is None  # the newer one never takes it back
+    assert taken_by(c, [a, b, c]) is None
+    assert freed([a, b, c]) == []
+    assert freed([b, c]) == ["b"]  # a deleted (or renamed its prefix): b may run
