@@ -132,13 +132,15 @@ def test_values_reach_the_operator(helm):
     values = {**NAMESPACED, "verbose": True, "directory": {
         "name": "epics-env", "clusterNamespace": "epics-dir"},
         "hostPorts": {"min": 6000, "max": 6100},
-        "gateway": {"image": {"repository": "registry.example/gw", "tag": "7"}}}
+        "gateway": {"image": {"repository": "registry.example/gw", "tag": "7"},
+                    "caGatewayImage": "registry.example/ca-gateway:2.1.3"}}
     c = container(helm.template("epics", "epics-ops", values))
     env = env_of(c)
     assert all(k in {f"IOC_OPERATOR_{f.upper()}" for f in OperatorConfig.model_fields}
                for k in env if k.startswith("IOC_OPERATOR_")), env
     assert OperatorConfig.from_env(env) == OperatorConfig(
-        gateway_image="registry.example/gw:7", directory_name="epics-env",
+        gateway_image="registry.example/gw:7",
+        ca_gateway_image="registry.example/ca-gateway:2.1.3", directory_name="epics-env",
         cluster_directory_namespace="epics-dir", host_port_min=6000, host_port_max=6100)
     args = parser().parse_args(c["args"])
     assert args.namespace == ["bl-12", "bl-13"] and args.verbose
