@@ -15,23 +15,12 @@ from collections.abc import Callable
 
 import caproto as ca
 
-__all__ = [
-    "ANY_ADDRESS",
-    "CA_MINOR_VERSION",
-    "ECA_NORMAL",
-    "ECA_NOWTACCESS",
-    "MessageHandler",
-    "StreamFramer",
-    "decode_name",
-    "iter_datagram",
-    "pack",
-]
-
 HEADER = struct.Struct(">HHHHII")
 LARGE_SIZES = struct.Struct(">II")
 HEADER_SIZE = HEADER.size  # 16
 EXTENDED_SIZE = HEADER_SIZE + LARGE_SIZES.size  # 24
 LARGE = 0xFFFF  # payload_size marker of the extended header (CA >= 4.9)
+MAX_PAYLOAD = 256 * 1024 * 1024  # a larger claimed size is a broken or hostile peer
 
 CA_MINOR_VERSION: int = ca.DEFAULT_PROTOCOL_VERSION  # 13; >= 12 enables TCP name service
 ANY_ADDRESS = 0xFFFFFFFF  # search reply "server IP": use the address the reply came from
@@ -45,6 +34,7 @@ def _eca(name: str) -> int:
 ECA_NORMAL = _eca("ECA_NORMAL")
 ECA_NOWTACCESS = _eca("ECA_NOWTACCESS")
 ECA_BADCHID = _eca("ECA_BADCHID")
+ECA_BADMONID = _eca("ECA_BADMONID")
 ECA_DISCONN = _eca("ECA_DISCONN")
 
 # Command ids, from caproto's message classes.
@@ -74,9 +64,9 @@ DO_REPLY = ca.DO_REPLY
 # handler(command, data_type, data_count, parameter1, parameter2, payload)
 MessageHandler = Callable[[int, int, int, int, int, bytes], None]
 
-_pack_header = HEADER.pack
-_unpack_header = HEADER.unpack_from
-_unpack_large = LARGE_SIZES.unpack_from
+pack_header = HEADER.pack
+unpack_header = HEADER.unpack_from
+unpack_large = LARGE_SIZES.unpack_from
 
 
 def pack(command: int, data_type: int, data_count: int, p1: int, p2: int,
@@ -84,8 +74,8 @@ def pack(command: int, data_type: int, data_count: int, p1: int, p2: int,
     """One message; the extended header when the payload or count needs 32 bits."""
     size = len(payload)
     if size < LARGE and data_count < LARGE:
-        return _pack_header(command, size, data_type, data_count, p1, p2) + payload
-    return (_pack_header(command, LARGE, data_type, 0, p1, p2)
+        return pack_header(command, size, data_type, data_count, p1, p2) + payload
+    return (pack_header(command, LARGE, data_type, 0, p1, p2)
             + LARGE_SIZES.pack(size, data_count) + payload)
 
 
@@ -119,15 +109,17 @@ class StreamFramer:
             view = data  # common case: no leftover, parse the chunk in place
         pos, end = 0, len(view)
         while end - pos >= HEADER_SIZE:
-            command, size, data_type, count, p1, p2 = _unpack_header(view, pos)
+            command, size, data_type, count, p1, p2 = unpack_header(view, pos)
             body = pos + HEADER_SIZE
             if size == LARGE:
                 if end - pos < EXTENDED_SIZE:
                     break
-                size, count = _unpack_large(view, body)
+                size, count = unpack_large(view, body)
                 body += LARGE_SIZES.size
             stop = body + size
             if stop > end:
+                if size > MAX_PAYLOAD:
+                    raise ValueError(f"message of {size} bytes (command {command})")
                 break
             handler(command, data_type, count, p1, p2, bytes(view[body:stop]))
             pos = stop
@@ -142,7 +134,7 @@ def iter_datagram(data: bytes) -> list[tuple[int, int, int, int, int, bytes]]:
     out = []
     pos, end = 0, len(data)
     while end - pos >= HEADER_SIZE:
-        command, size, data_type, count, p1, p2 = _unpack_header(data, pos)
+        command, size, data_type, count, p1, p2 = unpack_header(data, pos)
         body = pos + HEADER_SIZE
         if body + size > end:
             break
@@ -184,8 +176,8 @@ def request_header(command: int, data_type: int, count: int, p1: int, p2: int,
                    size: int = 0) -> bytes:
     """A request's header as echoed inside an ERROR message."""
     if size < LARGE and count < LARGE:
-        return _pack_header(command, size, data_type, count, p1, p2)
-    return _pack_header(command, LARGE, data_type, 0, p1, p2) + LARGE_SIZES.pack(size, count)
+        return pack_header(command, size, data_type, count, p1, p2)
+    return pack_header(command, LARGE, data_type, 0, p1, p2) + LARGE_SIZES.pack(size, count)
 
 
 def caproto_bytes(message: ca.Message) -> bytes:

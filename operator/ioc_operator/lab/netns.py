@@ -406,6 +406,12 @@ class Lab:
             self._netns_inodes[ns] = os.stat(f"/run/netns/{ns}").st_ino
         self._write_marker()
         self._ip(ns, "link set lo up")
+        # Nothing leaves the lab's addresses, not even a library's DNS query to the
+        # host's resolver: refused at once inside the namespace.
+        # (Broadcasts stay on the link; the lab tests that they do not cross pods.)
+        for rule in (["-o", "lo", "-j", "ACCEPT"], ["-d", str(LAB_RANGE), "-j", "ACCEPT"],
+                     ["-d", "255.255.255.255", "-j", "ACCEPT"], ["-j", "REJECT"]):
+            self._iptables(ns, ["-A", "OUTPUT", *rule])
 
     def _write_marker(self) -> None:
         STATE_DIR.mkdir(parents=True, exist_ok=True)
