@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup system-deps controlplane demo test unit lint bench crd clean
+.PHONY: setup system-deps controlplane demo test unit lint bench bench-lab crd clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -44,6 +44,12 @@ lint: setup
 ## bench: operator benchmarks on a real control plane; writes docs/benchmarks.md
 bench: setup controlplane
 	$(PY) -m benchmarks.bench_operator
+
+## bench-lab: gateway, bridge and discovery benchmarks in the network lab (root)
+bench-lab: setup system-deps
+	$(PY) -m benchmarks.bench_ca_gateway
+	$(PY) -m benchmarks.bench_bridge
+	$(PY) -m benchmarks.bench_discovery
 
 ## crd: regenerate crds/ from the model
 crd: setup
