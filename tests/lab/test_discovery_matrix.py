@@ -93,12 +93,15 @@ def calls_for(lab: Lab, running: list[RunningIOC], env: dict[str, str], protocol
     if protocol == "CA" and only is not None:
         libs = ("pyepics",)  # caproto's client ignores EPICS_CA_NAME_SERVERS
     calls = []
+    # 10 s: a first search through a gateway or the bridge is answered only once the
+    # gateway found the name upstream, and clients back off between searches (pvxs:
+    # 1, 2, 4 s); once in about 20 matrix runs a first get needed more than 5 s.
     for lib in libs:
         for op, pv in (("get", "value"), ("put", "value"), ("monitor", "counter")):
             pvs = [r.server.pv(pv) for r in serving]
             calls.append((protocol, ClientCall(client, lib, op, pvs, env,
                                                value=2.5 if op == "put" else None,
-                                               timeout=10.0 if op == "monitor" else 5.0)))
+                                               timeout=10.0)))
     return calls
 
 

@@ -1,0 +1,336 @@
+"""CA-to-PVA bridge benchmark in the network lab (root). Prints figures and writes them into
+docs/ca-pva-bridge.md (between the BENCHMARK markers). Not part of the test run:
+
+    sudo .venv/bin/python -m benchmarks.bench_bridge [--gets 2000] [--seconds 5] [--no-write]
+
+One IOC pod runs a CA-only IOC on 127.0.0.1:15064 (sidecar mode) and the bridge on the pod
+IP. Compared, for each IOC kind (pcaspy = C++ CAS, caproto = Python):
+
+- get latency, median and p99 of --gets sequential gets: CA straight to the IOC (pyepics
+  on libca, and caproto's threading client) from inside the IOC pod, against p4p through
+  the bridge from the same pod (only the bridge differs) and from a pod on another node;
+- monitor updates per second the client receives while the IOC writes one PV as fast as
+  it can (CA straight, and p4p through the bridge), the IOC's own write rate, and the
+  bridge's CPU seconds per 1,000 updates it delivered (utime+stime from /proc/<pid>/stat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ioc_operator.gateways.bridge_lab import pva_env, start_bridge, start_ioc
+from ioc_operator.lab import Lab, LabError, Pod
+from ioc_operator.lab.netns import listening_ports
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "ca-pva-bridge.md"
+BEGIN, END = "<!-- BENCHMARK:BEGIN -->", "<!-- BENCHMARK:END -->"
+PREFIX = "BENCH:"
+CA_DIRECT = {"EPICS_CA_ADDR_LIST": "127.0.0.1:15064", "EPICS_CA_AUTO_ADDR_LIST": "NO"}
+
+# Runs in a lab pod: one measurement, one JSON line out.
+CLIENT = '''\
+import json, os, statistics, sys, threading, time
+
+args = json.loads(sys.argv[1])
+lib, op, name, go_pv = args["lib"], args["op"], args["pv"], args.get("go")
+
+
+def pct(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def timed_gets(get, n):
+    for _ in range(50):  # warm up: connection, caches
+        get()
+    lat = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        get()
+        lat.append((time.perf_counter() - t0) * 1e6)
+    return {"median_us": statistics.median(lat), "p99_us": pct(lat, 0.99), "n": n}
+
+
+def count_updates(subscribe, go, seconds):
+    """Subscribe, then start the IOC's writer for the ramp-up plus the window (a
+    subscription added under load trips a caproto server bug) and count what arrives."""
+    seen = []
+    lock = threading.Lock()
+
+    def cb(value):
+        with lock:
+            seen.append((time.perf_counter(), value))
+
+    stop = subscribe(cb)
+    deadline = time.monotonic() + 10
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for attempt in range(3):  # a put can wait behind a backlog the IOC is still sending
+        try:
+            go(int(seconds) + 2)
+            break
+        except Exception:
+            if attempt == 2:
+                raise
+    time.sleep(1.0)  # ramp up
+    with lock:
+        start = len(seen)
+    t0, m0 = time.perf_counter(), time.monotonic()
+    time.sleep(seconds)
+    with lock:
+        window = seen[start:]
+    elapsed, m1 = time.perf_counter() - t0, time.monotonic()
+    time.sleep(1.5)  # the writer stops by itself
+    stop()
+    produced = (window[-1][1] - window[0][1]) if len(window) > 1 else 0
+    # CLOCK_MONOTONIC is one clock for all network namespaces: the harness reads the
+    # bridge's CPU time over exactly [m0, m1].
+    return {"updates": len(window), "per_s": len(window) / elapsed,
+            "ioc_per_s": produced / elapsed, "seconds": elapsed, "window": [m0, m1]}
+
+
+if lib == "p4p":
+    from p4p.client.thread import Context
+    ctx = Context("pva", nt=False)
+    if op == "get":
+        out = timed_gets(lambda: ctx.get(name, timeout=5.0), args["n"])
+    else:
+        from p4p.client.raw import Context as RawContext
+        raw = RawContext("pva", useenv=True, nt=False)  # (raw default: no env)
+
+        def sub(cb):
+            # The raw API: one notification, then pop() until empty; no per-update
+            # thread hop (the thread Context would make the client the bottleneck).
+            holder = {}
+
+            def ready(*_):
+                while True:
+                    v = holder["s"].pop()
+                    if v is None or isinstance(v, Exception):
+                        return
+                    cb(int(v["value"]))
+
+            holder["s"] = raw.monitor(name, ready)
+            return holder["s"].close
+        out = count_updates(sub, lambda v: ctx.put(go_pv, v, timeout=10.0), args["seconds"])
+elif lib == "pyepics":
+    import epicscorelibs.path.pyepics  # noqa: F401  (libca of EPICS 7)
+    from epics import ca
+    chid = ca.create_channel(name, connect=True, auto_cb=False)
+    if op == "get":
+        out = timed_gets(lambda: ca.get(chid, timeout=5.0), args["n"])
+    else:
+        def sub(cb):
+            keep = ca.create_subscription(chid, callback=lambda value=None, **kw: cb(int(value)))
+            return lambda keep=keep: None
+        go_chid = ca.create_channel(go_pv, connect=True, auto_cb=False)
+        out = count_updates(sub, lambda v: ca.put(go_chid, v, wait=True, timeout=10.0),
+                            args["seconds"])
+else:  # caproto threading client
+    from caproto.threading.client import Context
+    ctx = Context()
+    pv, = ctx.get_pvs(name, timeout=5.0)
+    pv.wait_for_connection(timeout=5.0)
+    if op == "get":
+        out = timed_gets(lambda: pv.read(timeout=5.0), args["n"])
+    else:
+        def sub(cb):
+            s = pv.subscribe()
+            def on_update(sub, response):
+                cb(int(response.data[0]))
+            s.add_callback(on_update)
+            return s.clear
+        go, = ctx.get_pvs(go_pv, timeout=5.0)
+        out = count_updates(sub, lambda v: go.write([v], wait=True, timeout=10.0),
+                            args["seconds"])
+sys.stdout.write(json.dumps(out) + "\\n")
+sys.stdout.flush()
+os._exit(0)
+'''
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuSampler:
+    """Samples a process's CPU seconds every ``period`` s, to read them over a window
+    known only afterwards (the client reports it)."""
+
+    def __init__(self, pid: int, period: float = 0.05) -> None:
+        self.pid, self.period = pid, period
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), cpu_seconds(self.pid)))
+            self._stop.wait(self.period)
+
+    def between(self, t0: float, t1: float) -> float:
+        def at(t: float) -> float:
+            earlier = [s for s in self.samples if s[0] <= t]
+            later = [s for s in self.samples if s[0] >= t]
+            (ta, ca), (tb, cb) = (earlier or self.samples)[-1], (later or self.samples[-1:])[0]
+            return ca if tb == ta else ca + (cb - ca) * (t - ta) / (tb - ta)
+        return at(t1) - at(t0)
+
+
+def measure(lab: Lab, pod: Pod, env: dict[str, str], args: dict[str, Any],
+            timeout: float = 120.0) -> dict[str, Any]:
+    script = lab.tmpdir / "bench_client.py"
+    if not script.exists():
+        script.write_text(CLIENT)
+    proc = lab.exec(pod, [sys.executable, str(script), json.dumps(args)], env, timeout=timeout)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            result: dict[str, Any] = json.loads(line)
+            return result
+    raise LabError(f"bench client failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
+
+
+def bench_kind(lab: Lab, kind: str, gets: int, seconds: float) -> list[tuple[str, str, str]]:
+    pod = lab.add_pod(0, name=f"ioc-{kind}")
+    remote = lab.add_pod(1, name=f"client-{kind}")
+    ioc = start_ioc(lab, pod, kind, PREFIX)
+    bridge = start_bridge(lab, pod)
+    via_bridge = pva_env(pod.ip, name_server=True)
+    rows: list[tuple[str, str, str]] = []
+    get_pv = PREFIX + "temperature"
+    for label, where, lib, env in (
+        ("CA direct, pyepics (libca 7.0)", pod, "pyepics", CA_DIRECT),
+        ("CA direct, caproto threading client", pod, "caproto", CA_DIRECT),
+        ("PVA via bridge, p4p, same pod", pod, "p4p", via_bridge),
+        ("PVA via bridge, p4p, other node", remote, "p4p", via_bridge),
+    ):
+        res = measure(lab, where, env, {"lib": lib, "op": "get", "pv": get_pv, "n": gets})
+        rows.append(_get_row(f"{kind}: get, {label}", res, gets))
+    if kind == "pcaspy":  # the only test IOC that can write fast (see bridge_lab)
+        for label, where, lib, env in (
+            ("CA direct, pyepics, same pod", pod, "pyepics", CA_DIRECT),
+            ("PVA via bridge, p4p, same pod", pod, "p4p", via_bridge),
+            ("PVA via bridge, p4p, other node", remote, "p4p", via_bridge),
+        ):
+            with CpuSampler(bridge.pid) as cpu:
+                res = measure(lab, where, env, {"lib": lib, "op": "monitor",
+                                                "pv": PREFIX + "fast", "go": PREFIX + "go",
+                                                "seconds": seconds})
+            used = cpu.between(*res["window"])
+            note = (f"IOC wrote {res['ioc_per_s']:,.0f}/s; bridge CPU {used:.2f} s in the "
+                    f"{seconds:g} s window")
+            if lib == "p4p":
+                per_k = used / max(res["updates"], 1) * 1000
+                note += f" = {per_k:.3f} s per 1,000 updates delivered"
+            rows.append((f"{kind}: monitor, {label}", f"{res['per_s']:,.0f} updates/s", note))
+            print(*rows[-1], sep="  ", flush=True)
+            time.sleep(3)  # let the IOC's send queues drain before the next run
+    lab.stop(bridge)
+    lab.stop(ioc)
+    return rows
+
+
+def _get_row(name: str, res: dict[str, Any], gets: int) -> tuple[str, str, str]:
+    row = (name, f"{res['median_us']:.0f} µs / {res['p99_us']:.0f} µs",
+           f"median / p99 of {gets} sequential gets")
+    print(*row, sep="  ", flush=True)
+    return row
+
+
+# A native PVA server (p4p/pvxs SharedPV) serving the very structure the bridge serves for
+# a DBR_DOUBLE (NTScalar with display, control and valueAlarm): the reference for gets.
+REFERENCE_SERVER = """\
+import sys, time
+from caproto import ChannelType
+from p4p.server import Server
+from p4p.server.raw import SharedPV
+from ioc_operator.gateways.bridge_nt import NTSpec
+
+spec = NTSpec.for_channel(ChannelType.DOUBLE, 1)
+pv = SharedPV(initial=spec.initial({"display.units": "mm"}, [1.5], 0, 0, 1, 0))
+with Server(providers=[{"REF:temperature": pv}]):
+    print("reference server running", flush=True)
+    while True:
+        time.sleep(1)
+"""
+
+
+def bench_reference(lab: Lab, gets: int) -> list[tuple[str, str, str]]:
+    """p4p gets from a native PVA server serving the same structure: what the PVA client,
+    the NT's size and the network cost without any bridge."""
+    pod = lab.add_pod(0, name="ioc-pva")
+    remote = lab.add_pod(1, name="client-pva")
+    script = lab.tmpdir / "reference_server.py"
+    script.write_text(REFERENCE_SERVER)
+    server = lab.spawn(pod, [sys.executable, str(script)], {"EPICS_PVAS_INTF_ADDR_LIST": pod.ip})
+    deadline = time.monotonic() + 20
+    while 5075 not in listening_ports(server.pid)["tcp"]:
+        if time.monotonic() > deadline or server.poll() is not None:
+            raise LabError("reference PVA server did not start")
+        time.sleep(0.05)
+    env = pva_env(pod.ip, name_server=True)
+    rows = [_get_row(f"reference: get, native PVA server (pvxs), p4p, {label}",
+                     measure(lab, where, env, {"lib": "p4p", "op": "get",
+                                               "pv": "REF:temperature", "n": gets}), gets)
+            for label, where in (("same pod", pod), ("other node", remote))]
+    lab.stop(server)
+    return rows
+
+
+def write_doc(rows: list[tuple[str, str, str]], args: argparse.Namespace) -> None:
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    lines = [BEGIN, "",
+             f"Measured by `python -m benchmarks.bench_bridge --gets {args.gets} "
+             f"--seconds {args.seconds:g}` on {time.strftime('%Y-%m-%d')}; {machine}. "
+             "IOC, bridge and clients share these cores.", "",
+             "| figure | value | conditions |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    lines += ["", END]
+    text = DOC.read_text() if DOC.exists() else f"# CA-to-PVA bridge\n\n{BEGIN}\n{END}\n"
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    DOC.write_text(pattern.sub(lambda _m: "\n".join(lines), text))
+    print(f"written to {DOC}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gets", type=int, default=2000, help="sequential gets per client")
+    p.add_argument("--seconds", type=float, default=5.0, help="monitor window")
+    p.add_argument("--kinds", default="pcaspy,caproto", help="IOC kinds, comma-separated")
+    p.add_argument("--no-write", action="store_true", help="print only")
+    args = p.parse_args()
+    rows: list[tuple[str, str, str]] = []
+    with Lab(nodes=2) as lab:
+        rows += bench_reference(lab, args.gets)
+        for kind in args.kinds.split(","):
+            rows += bench_kind(lab, kind, args.gets, args.seconds)
+    width = max(len(r[0]) for r in rows)
+    for name, value, cond in rows:
+        print(f"{name:{width}}  {value:>22}   {cond}")
+    if not args.no_write:
+        write_doc(rows, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Channel Access DBR types to PVA Normative Types, for the CA-to-PVA bridge.
+
+Pure functions and small value objects, no I/O: which NT a CA channel becomes
+(`NTSpec.for_channel`), its metadata fields from a DBR_CTRL reply (`metadata_fields`),
+one monitor/get update from a DBR_TIME reply (`NTSpec.update`) and what a PVA put
+becomes on the CA side (`NTSpec.put_data`). See docs/ca-pva-bridge.md for the table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy
+from caproto import ChannelType, field_types
+from p4p import Type, Value
+from p4p.nt import NTEnum, NTScalar
+
+__all__ = [
+    "ALARM_MESSAGES",
+    "ALARM_STATUS",
+    "POSIX_TIME_AT_EPICS_EPOCH",
+    "NTSpec",
+    "alarm_fields",
+    "metadata_fields",
+]
+
+# CA timestamps count from 1990-01-01; PVA's timeStamp.secondsPastEpoch from 1970-01-01.
+POSIX_TIME_AT_EPICS_EPOCH = 631152000
+
+# epicsAlarmConditionStrings, indexed by the CA alarm status (0 = NO_ALARM).
+ALARM_MESSAGES: tuple[str, ...] = (
+    "NO_ALARM", "READ", "WRITE", "HIHI", "HIGH", "LOLO", "LOW", "STATE", "COS", "COMM",
+    "TIMEOUT", "HWLIMIT", "CALC", "SCAN", "LINK", "SOFT", "BAD_SUB", "UDF", "DISABLE",
+    "SIMM", "READ_ACCESS", "WRITE_ACCESS",
+)
+# CA alarm status -> PVA alarm.status (NONE 0, DEVICE 1, DRIVER 2, RECORD 3, DB 4, CONF 5,
+# UNDEFINED 6, CLIENT 7). The same grouping as QSRV2 (pvxs ioc/iocsource.cpp), so a bridged
+# CA-only IOC reports alarms as an EPICS 7 IOC with QSRV would.
+ALARM_STATUS: tuple[int, ...] = (
+    0,  # NO_ALARM
+    1, 1, 1, 1, 1, 1, 1, 1,  # READ WRITE HIHI HIGH LOLO LOW STATE COS
+    2, 2,  # COMM TIMEOUT
+    1,  # HWLIMIT
+    3, 3, 3, 3, 3,  # CALC SCAN LINK SOFT BAD_SUB
+    2,  # UDF
+    4, 4, 4, 4,  # DISABLE SIMM READ_ACCESS WRITE_ACCESS
+)
+UNDEFINED_STATUS = 6
+
+# display.form choices, as QSRV2 publishes them; the bridge always says "Default" (0).
+FORM_CHOICES = ["Default", "String", "Binary", "Decimal", "Hex", "Exponential", "Engineering"]
+
+# Native CA type -> p4p type code of the value field (prefix "a" for arrays).
+# DBR_CHAR is epicsUInt8 on the wire, DBR_ENUM arrays epicsUInt16 indices.
+_CODES: dict[ChannelType, str] = {
+    ChannelType.STRING: "s",
+    ChannelType.INT: "h",
+    ChannelType.FLOAT: "f",
+    ChannelType.ENUM: "H",
+    ChannelType.CHAR: "B",
+    ChannelType.LONG: "i",
+    ChannelType.DOUBLE: "d",
+}
+_FLOATING = {ChannelType.FLOAT, ChannelType.DOUBLE}
+_STRING_ENCODING = "utf-8"  # PVA strings are UTF-8; CA strings are bytes, usually ASCII
+
+
+def _text(raw: bytes | str) -> str:
+    """A CA string (bytes, NUL-padded) as text; undecodable bytes become U+FFFD."""
+    if isinstance(raw, str):
+        return raw
+    return raw.split(b"\0", 1)[0].decode(_STRING_ENCODING, errors="replace")
+
+
+def alarm_fields(severity: int, status: int) -> dict[str, Any]:
+    """alarm.* of one CA (severity, status) pair."""
+    if status == 0:
+        return {"alarm.severity": severity, "alarm.status": 0, "alarm.message": ""}
+    if 0 < status < len(ALARM_STATUS):
+        return {"alarm.severity": severity, "alarm.status": ALARM_STATUS[status],
+                "alarm.message": ALARM_MESSAGES[status]}
+    return {"alarm.severity": severity, "alarm.status": UNDEFINED_STATUS,
+            "alarm.message": f"status {status}"}
+
+
+@dataclass(frozen=True)
+class NTSpec:
+    """How one CA channel (native type and element count) is served over PVA."""
+
+    native: ChannelType
+    count: int
+    kind: str  # "scalar", "array", "enum" or "string"
+    type: Type
+
+    @property
+    def time_dbr(self) -> int:
+        """The DBR_TIME_* type id of this channel's updates (compared on the hot path
+        as a plain int, without building a ChannelType)."""
+        return int(field_types["time"][self.native])
+
+    @classmethod
+    def for_channel(cls, native: ChannelType | int, count: int) -> NTSpec:
+        """The NT for a channel: NTEnum for a scalar DBR_ENUM, NTScalarArray when the
+        channel has more than one element, otherwise NTScalar."""
+        native = ChannelType(native)
+        array = count > 1
+        if native == ChannelType.ENUM and not array:
+            return cls(native, count, "enum", NTEnum.buildType())
+        code = ("a" if array else "") + _CODES[native]
+        if native == ChannelType.STRING and not array:
+            return cls(native, count, "string", NTScalar.buildType(code, display=True))
+        numeric = native != ChannelType.STRING
+        nt_type = NTScalar.buildType(code, display=True, control=numeric,
+                                     valueAlarm=numeric, form=numeric)
+        return cls(native, count, "array" if array else "scalar", nt_type)
+
+    @property
+    def type_id(self) -> str:
+        return self.type.getID()
+
+    # ------------------------------------------------------------------ CA -> PVA
+    def value_of(self, data: Any) -> Any:
+        """The PVA value field of a CA reply's data (a numpy array or a list of bytes)."""
+        if self.kind == "enum":
+            return int(data[0])  # stored in value.index
+        if self.kind == "string":
+            return _text(data[0]) if len(data) else ""
+        if self.kind == "scalar":
+            return data[0] if len(data) else 0
+        if self.native == ChannelType.STRING:
+            return [_text(item) for item in data]
+        return data  # numpy array: p4p copies it without a Python loop
+
+    def update(self, data: Any, severity: int, status: int, seconds: int, nanoseconds: int,
+               alarm_changed: bool = True) -> Value:
+        """One update (value, timeStamp and, if changed, alarm) from a DBR_TIME reply.
+
+        Only the fields set here are marked changed, so SharedPV.post() sends a delta.
+        """
+        fields: dict[str, Any] = {
+            "value.index" if self.kind == "enum" else "value": self.value_of(data),
+            "timeStamp.secondsPastEpoch": seconds + POSIX_TIME_AT_EPICS_EPOCH,
+            "timeStamp.nanoseconds": nanoseconds,
+        }
+        if alarm_changed:
+            fields.update(alarm_fields(severity, status))
+        return Value(self.type, fields)
+
+    def initial(self, metadata: dict[str, Any], data: Any, severity: int, status: int,
+                seconds: int, nanoseconds: int) -> Value:
+        """The complete first value (SharedPV.open() stores only marked fields)."""
+        value = self.update(data, severity, status, seconds, nanoseconds)
+        for key, item in metadata.items():
+            value[key] = item
+        return value
+
+    # ------------------------------------------------------------------ PVA -> CA
+    def put_data(self, value: Value) -> list[Any] | numpy.ndarray:
+        """What to write over CA for a PVA put: a list (scalars) or a numpy array."""
+        if self.kind == "enum":
+            if not value.changed("value.index"):
+                raise ValueError("put to an NTEnum must set value.index")
+            return [int(value["value.index"])]
+        if not value.changed("value"):
+            raise ValueError("put must set the value field")
+        item = value["value"]
+        if self.kind == "string":
+            return [str(item).encode(_STRING_ENCODING)]
+        if self.kind == "scalar":
+            return [item]
+        if self.native == ChannelType.STRING:
+            return [str(s).encode(_STRING_ENCODING) for s in item]
+        return numpy.asarray(item)
+
+
+def _number(raw: Any) -> Any:
+    """A DBR_CTRL limit as a number: ctypes hands DBR_CTRL_CHAR's c_char limits out as
+    one byte (b'\x00'), the other types as int or float."""
+    if isinstance(raw, bytes):
+        return raw[0] if raw else 0
+    return raw
+
+
+def metadata_fields(spec: NTSpec, ctrl: Any) -> dict[str, Any]:
+    """display/control/valueAlarm (or value.choices) fields from a DBR_CTRL_* reply."""
+    if spec.kind == "enum":
+        return {"value.choices": [_text(s) for s in ctrl.enum_strings]}
+    if spec.native == ChannelType.STRING:
+        # DBR_CTRL_STRING carries only status and severity.
+        return {"display.description": "", "display.units": ""}
+    if spec.native == ChannelType.ENUM:  # enum array: indices, no limits in CA
+        return {"display.units": "", "display.form.choices": FORM_CHOICES}
+    return {
+        "display.limitLow": _number(ctrl.lower_disp_limit),
+        "display.limitHigh": _number(ctrl.upper_disp_limit),
+        "display.description": "",  # CA has no description field in DBR_CTRL
+        "display.units": _text(ctrl.units),
+        "display.precision": int(ctrl.precision) if spec.native in _FLOATING else 0,
+        "display.form.index": 0,
+        "display.form.choices": FORM_CHOICES,
+        "control.limitLow": _number(ctrl.lower_ctrl_limit),
+        "control.limitHigh": _number(ctrl.upper_ctrl_limit),
+        "control.minStep": 0,
+        "valueAlarm.active": False,  # the IOC evaluates alarms; the bridge only reports
+        "valueAlarm.lowAlarmLimit": _number(ctrl.lower_alarm_limit),
+        "valueAlarm.lowWarningLimit": _number(ctrl.lower_warning_limit),
+        "valueAlarm.highWarningLimit": _number(ctrl.upper_warning_limit),
+        "valueAlarm.highAlarmLimit": _number(ctrl.upper_alarm_limit),
+    }
