@@ -1,17 +1,21 @@
 """CA-to-PVA bridge benchmark in the network lab (root). Prints figures and writes them into
 docs/ca-pva-bridge.md (between the BENCHMARK markers). Not part of the test run:
 
-    sudo .venv/bin/python -m benchmarks.bench_bridge [--gets 2000] [--seconds 5] [--no-write]
+    sudo .venv/bin/python -m benchmarks.bench_bridge [--gets 2000] [--seconds 5] \
+        [--repeat 3] [--kinds pcaspy,caproto] [--no-write]
 
 One IOC pod runs a CA-only IOC on 127.0.0.1:15064 (sidecar mode) and the bridge on the pod
-IP. Compared, for each IOC kind (pcaspy = C++ CAS, caproto = Python):
+IP. Measured, for each IOC kind (pcaspy = C++ CAS, caproto = Python), each figure the
+median of --repeat runs:
 
 - get latency, median and p99 of --gets sequential gets: CA straight to the IOC (pyepics
   on libca, and caproto's threading client) from inside the IOC pod, against p4p through
-  the bridge from the same pod (only the bridge differs) and from a pod on another node;
-- monitor updates per second the client receives while the IOC writes one PV as fast as
-  it can (CA straight, and p4p through the bridge), the IOC's own write rate, and the
-  bridge's CPU seconds per 1,000 updates it delivered (utime+stime from /proc/<pid>/stat).
+  the bridge from the same pod and from a pod on another node; and, as the reference for
+  what PVA itself costs, p4p against a native pvxs server serving the same structure;
+- monitor updates per second the client receives while the pcaspy IOC writes one PV as
+  fast as it can (CA straight, and p4p through the bridge), the IOC's own write rate, and
+  the bridge's CPU seconds per 1,000 updates it delivered (utime+stime of all its threads
+  from /proc/<pid>/stat, over exactly the client's counting window).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import sys
 import threading
 import time
@@ -211,49 +216,65 @@ def measure(lab: Lab, pod: Pod, env: dict[str, str], args: dict[str, Any],
     raise LabError(f"bench client failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
 
 
-def bench_kind(lab: Lab, kind: str, gets: int, seconds: float) -> list[tuple[str, str, str]]:
+def bench_kind(lab: Lab, kind: str, gets: int, seconds: float,
+               repeat: int) -> list[tuple[str, str, str]]:
     pod = lab.add_pod(0, name=f"ioc-{kind}")
     remote = lab.add_pod(1, name=f"client-{kind}")
     ioc = start_ioc(lab, pod, kind, PREFIX)
     bridge = start_bridge(lab, pod)
     via_bridge = pva_env(pod.ip, name_server=True)
     rows: list[tuple[str, str, str]] = []
-    get_pv = PREFIX + "temperature"
     for label, where, lib, env in (
         ("CA direct, pyepics (libca 7.0)", pod, "pyepics", CA_DIRECT),
         ("CA direct, caproto threading client", pod, "caproto", CA_DIRECT),
         ("PVA via bridge, p4p, same pod", pod, "p4p", via_bridge),
         ("PVA via bridge, p4p, other node", remote, "p4p", via_bridge),
     ):
-        res = measure(lab, where, env, {"lib": lib, "op": "get", "pv": get_pv, "n": gets})
-        rows.append(_get_row(f"{kind}: get, {label}", res, gets))
+        runs = [measure(lab, where, env, {"lib": lib, "op": "get",
+                                          "pv": PREFIX + "temperature", "n": gets})
+                for _ in range(repeat)]
+        rows.append(_get_row(f"{kind}: get, {label}", runs, gets))
     if kind == "pcaspy":  # the only test IOC that can write fast (see bridge_lab)
         for label, where, lib, env in (
             ("CA direct, pyepics, same pod", pod, "pyepics", CA_DIRECT),
             ("PVA via bridge, p4p, same pod", pod, "p4p", via_bridge),
             ("PVA via bridge, p4p, other node", remote, "p4p", via_bridge),
         ):
-            with CpuSampler(bridge.pid) as cpu:
-                res = measure(lab, where, env, {"lib": lib, "op": "monitor",
-                                                "pv": PREFIX + "fast", "go": PREFIX + "go",
-                                                "seconds": seconds})
-            used = cpu.between(*res["window"])
-            note = (f"IOC wrote {res['ioc_per_s']:,.0f}/s; bridge CPU {used:.2f} s in the "
-                    f"{seconds:g} s window")
-            if lib == "p4p":
-                per_k = used / max(res["updates"], 1) * 1000
-                note += f" = {per_k:.3f} s per 1,000 updates delivered"
-            rows.append((f"{kind}: monitor, {label}", f"{res['per_s']:,.0f} updates/s", note))
-            print(*rows[-1], sep="  ", flush=True)
-            time.sleep(3)  # let the IOC's send queues drain before the next run
+            rows.append(_monitor_row(lab, f"{kind}: monitor, {label}", where, lib, env,
+                                     bridge.pid, seconds, repeat))
     lab.stop(bridge)
     lab.stop(ioc)
     return rows
 
 
-def _get_row(name: str, res: dict[str, Any], gets: int) -> tuple[str, str, str]:
-    row = (name, f"{res['median_us']:.0f} µs / {res['p99_us']:.0f} µs",
-           f"median / p99 of {gets} sequential gets")
+def _monitor_row(lab: Lab, name: str, where: Pod, lib: str, env: dict[str, str],
+                 bridge_pid: int, seconds: float, repeat: int) -> tuple[str, str, str]:
+    rates, ioc_rates, cpu_per_k = [], [], []
+    for _ in range(repeat):
+        with CpuSampler(bridge_pid) as cpu:
+            res = measure(lab, where, env, {"lib": lib, "op": "monitor", "pv": PREFIX + "fast",
+                                            "go": PREFIX + "go", "seconds": seconds})
+        rates.append(res["per_s"])
+        ioc_rates.append(res["ioc_per_s"])
+        cpu_per_k.append(cpu.between(*res["window"]) / max(res["updates"], 1) * 1000)
+        time.sleep(3)  # let the IOC's send queues drain before the next run
+    note = (f"median (min-max) of {repeat} runs of {seconds:g} s: {min(rates):,.0f}-"
+            f"{max(rates):,.0f}; the IOC wrote {statistics.median(ioc_rates):,.0f}/s")
+    if lib == "p4p":
+        note += (f"; bridge CPU {statistics.median(cpu_per_k):.3f} s per 1,000 updates "
+                 "delivered (utime+stime, all threads)")
+    row = (name, f"{statistics.median(rates):,.0f} updates/s", note)
+    print(*row, sep="  ", flush=True)
+    return row
+
+
+def _get_row(name: str, runs: list[dict[str, Any]], gets: int) -> tuple[str, str, str]:
+    median = statistics.median(r["median_us"] for r in runs)
+    p99 = statistics.median(r["p99_us"] for r in runs)
+    row = (name, f"{median:.0f} µs / {p99:.0f} µs",
+           f"median / p99 of {gets} sequential gets; median of {len(runs)} runs "
+           f"(medians {min(r['median_us'] for r in runs):.0f}-"
+           f"{max(r['median_us'] for r in runs):.0f} µs)")
     print(*row, sep="  ", flush=True)
     return row
 
@@ -276,7 +297,7 @@ with Server(providers=[{"REF:temperature": pv}]):
 """
 
 
-def bench_reference(lab: Lab, gets: int) -> list[tuple[str, str, str]]:
+def bench_reference(lab: Lab, gets: int, repeat: int) -> list[tuple[str, str, str]]:
     """p4p gets from a native PVA server serving the same structure: what the PVA client,
     the NT's size and the network cost without any bridge."""
     pod = lab.add_pod(0, name="ioc-pva")
@@ -290,20 +311,22 @@ def bench_reference(lab: Lab, gets: int) -> list[tuple[str, str, str]]:
             raise LabError("reference PVA server did not start")
         time.sleep(0.05)
     env = pva_env(pod.ip, name_server=True)
+    args = {"lib": "p4p", "op": "get", "pv": "REF:temperature", "n": gets}
     rows = [_get_row(f"reference: get, native PVA server (pvxs), p4p, {label}",
-                     measure(lab, where, env, {"lib": "p4p", "op": "get",
-                                               "pv": "REF:temperature", "n": gets}), gets)
+                     [measure(lab, where, env, args) for _ in range(repeat)], gets)
             for label, where in (("same pod", pod), ("other node", remote))]
     lab.stop(server)
     return rows
 
 
-def write_doc(rows: list[tuple[str, str, str]], args: argparse.Namespace) -> None:
+def write_doc(rows: list[tuple[str, str, str]], args: argparse.Namespace,
+              load: float) -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     lines = [BEGIN, "",
              f"Measured by `python -m benchmarks.bench_bridge --gets {args.gets} "
-             f"--seconds {args.seconds:g}` on {time.strftime('%Y-%m-%d')}; {machine}. "
-             "IOC, bridge and clients share these cores.", "",
+             f"--seconds {args.seconds:g} --repeat {args.repeat}` on "
+             f"{time.strftime('%Y-%m-%d')}; {machine}; load average before the run "
+             f"{load:.2f}. IOC, bridge and clients share these cores.", "",
              "| figure | value | conditions |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     lines += ["", END]
@@ -318,18 +341,20 @@ def main() -> None:
     p.add_argument("--gets", type=int, default=2000, help="sequential gets per client")
     p.add_argument("--seconds", type=float, default=5.0, help="monitor window")
     p.add_argument("--kinds", default="pcaspy,caproto", help="IOC kinds, comma-separated")
+    p.add_argument("--repeat", type=int, default=3, help="runs per figure (median reported)")
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args()
     rows: list[tuple[str, str, str]] = []
+    load = os.getloadavg()[0]
     with Lab(nodes=2) as lab:
-        rows += bench_reference(lab, args.gets)
+        rows += bench_reference(lab, args.gets, args.repeat)
         for kind in args.kinds.split(","):
-            rows += bench_kind(lab, kind, args.gets, args.seconds)
+            rows += bench_kind(lab, kind, args.gets, args.seconds, args.repeat)
     width = max(len(r[0]) for r in rows)
     for name, value, cond in rows:
         print(f"{name:{width}}  {value:>22}   {cond}")
     if not args.no_write:
-        write_doc(rows, args)
+        write_doc(rows, args, load)
 
 
 if __name__ == "__main__":

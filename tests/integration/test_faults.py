@@ -183,7 +183,9 @@ def test_operator_killed_mid_burst_converges_after_restart(kube, operator, names
     # the workload of the re-created k05 is the new incarnation's, in its new mode
     sts = kube.get("apps/v1", "StatefulSet", namespace, "k05")
     assert kube.get("v1", "ConfigMap", namespace, "k05-pvagw") is not None
-    assert len(sts["spec"]["template"]["spec"]["containers"]) == 2
+    # the IOC, pvagw and the CA gateway
+    assert [c["name"] for c in sts["spec"]["template"]["spec"]["containers"]] == [
+        "ioc", "pvagw", "cagw"]
     env = sts["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "BURST", "value": "1"} in kube.get(
         "apps/v1", "StatefulSet", namespace, "k10")["spec"]["template"]["spec"][
@@ -291,7 +293,7 @@ def test_drift_in_owned_fields_is_reverted_and_foreign_fields_are_kept(kube, ope
         ("StatefulSet env value", sts_url, STRATEGIC,
          {"spec": {"template": {"spec": {"containers": [
              {"name": "ioc", "env": [{"name": "EPICS_CAS_SERVER_PORT", "value": "9999"}]}]}}}},
-         lambda: env(sts())["EPICS_CAS_SERVER_PORT"] == "5064"),
+         lambda: env(sts())["EPICS_CAS_SERVER_PORT"] == "15064"),  # behind the CA gateway
         ("Service targetPort", svc_url, STRATEGIC,
          {"spec": {"ports": [{"port": 5064, "protocol": "TCP", "targetPort": 7064}]}},
          lambda: all(p["port"] == p["targetPort"] for p in svc()["spec"]["ports"])),

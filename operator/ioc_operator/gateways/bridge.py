@@ -28,7 +28,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+
+from caproto.client import common as ca_common
+from caproto.threading.client import SharedBroadcaster
+from p4p.asLib.pvlist import PVList
+from p4p.server import DynamicProvider, Server, StaticProvider
+from p4p.server.raw import SharedPV
+
+from .bridge_channel import BridgeChannel, ChannelState, InlineContext
 
 __all__ = ["Bridge", "BridgeConfig", "SearchBudget", "main", "parse_args"]
 
@@ -114,25 +121,17 @@ class Bridge:
     def __init__(self, config: BridgeConfig) -> None:
         self.config = config
         os.environ.update(config.ca_env())  # caproto reads the address list at each send
-        from caproto.client import common as ca_common
-        from caproto.threading.client import SharedBroadcaster
-        from p4p.asLib.pvlist import PVList
-        from p4p.server import DynamicProvider, StaticProvider
-
-        from .bridge_channel import BridgeChannel, InlineContext
-
         ca_common.MAX_RETRY_SEARCHES_INTERVAL = CA_MAX_SEARCH_INTERVAL
         ca_common.SEARCH_RETIREMENT_AGE = CA_SEARCH_RETIREMENT
-        self._channel_cls = BridgeChannel
         # client_name is explicit: getpass.getuser() fails for a UID without a passwd
         # entry (the sidecar runs as 65532 on a read-only root filesystem).
         self.ctx = InlineContext(SharedBroadcaster(), timeout=LOOKUP_TIMEOUT,
                                  host_name=socket.gethostname(), client_name="ca-pva-bridge")
         self._pvlist = PVList(config.pvlist) if config.pvlist is not None else None
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bridge-put")
-        self._channels: dict[str, Any] = {}  # CA name -> BridgeChannel
+        self._channels: dict[str, BridgeChannel] = {}  # by CA name
         self._absent: dict[str, float] = {}  # CA name -> monotonic expiry
-        self._lock = threading.Lock()  # the two tables; never held while calling pvxs/CA
+        self._lock = threading.Lock()  # the two tables; never held while waiting for anything
         self._budget = SearchBudget()
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="bridge-sweep",
@@ -142,14 +141,12 @@ class Bridge:
         # is connected. _published mirrors the static one's names.
         self.provider = DynamicProvider("ca-pva-bridge-search", self)
         self.static = StaticProvider("ca-pva-bridge")
-        self._published: dict[str, Any] = {}  # PVA name -> BridgeChannel
+        self._published: dict[str, BridgeChannel] = {}  # by PVA name
         self._publish_lock = threading.Lock()  # never taken on a pvxs thread
-        self.server: Any = None
+        self.server: Server | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Bridge:
-        from p4p.server import Server
-
         conf = self.config.pva_conf()
         self.server = Server(providers=[(self.provider, 0), (self.static, 1)], conf=conf,
                              useenv=True)
@@ -187,7 +184,8 @@ class Bridge:
         ca_name, _asg, _asl = self._pvlist.compute(name.encode(), host)
         return ca_name
 
-    def _channel(self, ca_name: str, alias: str, *, create: bool = True) -> Any:
+    def _channel(self, ca_name: str, alias: str, *,
+                 create: bool = True) -> BridgeChannel | None:
         """The channel for a CA name, created (CA search started) if ``create`` and the
         name was not found absent recently; else None."""
         with self._lock:
@@ -200,16 +198,16 @@ class Bridge:
             if self._absent.get(ca_name, 0.0) > time.monotonic():
                 return None
             self._absent.pop(ca_name, None)
-            channel = self._channel_cls(ca_name, self.ctx, self._workers,
-                                        read_only=self.config.read_only,
-                                        put_timeout=self.config.put_timeout,
-                                        publish=self._publish)
+            channel = BridgeChannel(ca_name, self.ctx, self._workers,
+                                    read_only=self.config.read_only,
+                                    put_timeout=self.config.put_timeout,
+                                    publish=self._publish)
             channel.aliases.add(alias)
             self._channels[ca_name] = channel
         log.debug("looking up %s over CA", ca_name)
         return channel
 
-    def _publish(self, channel: Any, up: bool) -> None:
+    def _publish(self, channel: BridgeChannel, up: bool) -> None:
         """List (or unlist) a channel's PVA names in the static provider. Called on
         caproto's callback thread or the sweeper, never on a pvxs thread: removing a name
         closes its SharedPV, which waits for the pvxs server loop."""
@@ -251,7 +249,7 @@ class Bridge:
             self._budget.spend(time.monotonic() - start)
         return channel.claimable.is_set()
 
-    def makeChannel(self, name: str, peer: str) -> Any:
+    def makeChannel(self, name: str, peer: str) -> SharedPV | None:
         """A PVA client creates a channel: hand it the name's SharedPV (shared by all
         clients of the name; it opens when the CA channel has its first value)."""
         host = peer.rsplit(":", 1)[0]
@@ -278,11 +276,10 @@ class Bridge:
         """Forget names the IOC did not answer; put channels nobody used for the inactive
         timeout to sleep (connected: CA channel dropped, name kept) or forget them (while
         the IOC is away: caproto would otherwise search for them forever)."""
-        from .bridge_channel import ChannelState, purge_cleared
-
-        purge_cleared()
         now = time.monotonic() if now is None else now
-        absent, idle, gone = [], [], []
+        absent: list[str] = []
+        gone: list[str] = []
+        idle: list[BridgeChannel] = []
         with self._lock:
             for ca_name, channel in self._channels.items():
                 state = channel.state
@@ -326,11 +323,6 @@ class Bridge:
         self._absent = {k: t for k, t in self._absent.items() if t > now}
         if len(self._absent) >= NEGATIVE_MAX:
             self._absent.clear()
-
-    def channels(self) -> dict[str, str]:
-        """Name -> state of every channel (for logs and tests)."""
-        with self._lock:
-            return {name: ch.state.value for name, ch in self._channels.items()}
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -395,6 +387,13 @@ def _configure_logging(verbosity: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     _configure_logging(args.verbose)
+    try:
+        pvlist = args.pvlist.read_text() if args.pvlist else None
+        if pvlist is not None:
+            PVList(pvlist)  # syntax check now, not at the first search
+    except (OSError, UnicodeDecodeError, RuntimeError, ValueError) as exc:
+        log.error("cannot use --pvlist %s: %s", args.pvlist, exc)
+        return 2
     config = BridgeConfig(
         interface=args.interface,
         server_port=args.server_port,
@@ -402,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ca_addr_list=args.ca_addr_list,
         read_only=args.read_only,
         inactive_timeout=args.inactive_timeout,
-        pvlist=args.pvlist.read_text() if args.pvlist else None,
+        pvlist=pvlist,
         put_timeout=args.put_timeout,
     )
     stop = threading.Event()

@@ -1,12 +1,13 @@
 """One bridged name: a caproto threading-client PV on the CA side, a p4p SharedPV on the
-PVA side (docs/ca-pva-bridge.md).
+PVA side (docs/ca-pva-bridge.md), and the few changes to caproto's threading client that
+make it fit a bridge (InlineContext).
 
-Threads. caproto runs every callback of one CA circuit (connection state, read replies,
-monitor updates) in order on that circuit's single callback thread, so the SharedPV is
-opened, posted and closed in the order the IOC sent things. PVA-side callbacks (first
-connect, last disconnect, put) come from pvxs threads and only set attributes or hand work
-to the bridge's worker pool: a pvxs thread never waits for CA, and nothing here calls into
-pvxs while holding a lock a pvxs callback could need.
+Threads. Every CA callback (connection state, read replies, monitor updates) runs inline
+on caproto's selector thread, so the SharedPV is opened, posted and closed in the order
+the IOC sent things. PVA-side callbacks (first connect, last disconnect, put) come from
+pvxs threads and only set attributes or hand work to the bridge's worker pool: a pvxs
+thread never waits for CA, and nothing here calls into pvxs while holding a lock a pvxs
+callback could need.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ __all__ = [
     "InlineExecutor",
     "LinearRecvCircuit",
     "forget_pv",
-    "purge_cleared",
 ]
 
 log = logging.getLogger("ioc_operator.gateways.bridge")
@@ -117,10 +117,6 @@ class BridgeChannel:
 
     def touch(self) -> None:
         self.last_active = time.monotonic()
-
-    @property
-    def spec(self) -> NTSpec | None:
-        return self._spec
 
     # ------------------------------------------------------------------ CA callbacks
     def _on_connection_state(self, pv: PV, state: str) -> None:
@@ -261,6 +257,13 @@ class BridgeChannel:
             log.debug("post to %s skipped: %s", self.name, exc)
 
     # ------------------------------------------------------------------ PVA put
+    def submit_put(self, op: ServerOperation) -> None:
+        """Hand a PVA put to the worker pool (it waits for CA; pvxs threads must not)."""
+        try:
+            self._workers.submit(self.put, op)
+        except RuntimeError:  # shutting down
+            op.done(error="the CA-to-PVA bridge is stopping")
+
     def put(self, op: ServerOperation) -> None:
         """Forward a PVA put as a CA put with completion, then read the value back so a
         get right after the put sees it (on caproto's callback thread, so in order with
@@ -359,25 +362,16 @@ class _PVAHandler:
 
     def put(self, _pv: SharedPV, op: ServerOperation) -> None:
         self._channel.touch()
-        _submit(self._channel._workers, self._channel.put, op)
+        self._channel.submit_put(op)
 
 
 @contextlib.contextmanager
 def _logged(name: str, what: str) -> Iterator[None]:
-    """caproto runs callbacks in a ThreadPoolExecutor, which keeps exceptions in futures
-    nobody reads: log them instead."""
+    """caproto's executors keep a callback's exception in a future nobody reads: log it."""
     try:
         yield
     except Exception:
         log.exception("%s: %s failed", name, what)
-
-
-def _submit(workers: Executor, fn: Callable[[ServerOperation], None],
-            op: ServerOperation) -> None:
-    try:
-        workers.submit(fn, op)
-    except RuntimeError:  # shutting down
-        op.done(error="the CA-to-PVA bridge is stopping")
 
 
 def _differs(old: Any, new: Any) -> bool:
@@ -474,8 +468,17 @@ class FastCircuitManager(VirtualCircuitManager):
 
 class InlineContext(Context):
     """A caproto threading Context for the bridge: callbacks run inline on the selector
-    thread (InlineExecutor), circuits parse in linear time (LinearRecvCircuit) and
-    monitor updates take a short path (FastCircuitManager)."""
+    thread (InlineExecutor), circuits parse in linear time (LinearRecvCircuit),
+    monitor updates take a short path (FastCircuitManager) and PVs can be forgotten
+    (`forget_pv`)."""
+
+    def reconnect(self, keys: Any) -> None:
+        """After a circuit died: search again for its PVs, except forgotten ones (their
+        channel may still be listed on the dead circuit)."""
+        keys = list(keys)
+        with self.pv_cache_lock:
+            known = [key for key in keys if key in self.pvs]
+        super().reconnect(known)
 
     def get_circuit_manager(self, address: Any, priority: int) -> Any:
         cm = super().get_circuit_manager(address, priority)
@@ -494,23 +497,22 @@ def forget_pv(ctx: Context, pv: PV) -> bool:
 
     caproto has no public call for this: ``PV.go_idle()`` clears the channel but keeps the
     PV, caproto re-creates channels of idle PVs when their circuit dies, and every revival
-    leaves an entry behind. So this edits the Context's and the circuit manager's tables
-    (caproto 1.x threading client) in the order their readers need:
+    leaves an entry behind. So this edits caproto's (1.x threading client) tables:
 
-    * ``ctx.pvs`` / ``ctx.pvs_needing_circuits`` and the broadcaster's unanswered search:
-      a later search result or ``get_pvs`` no longer finds this PV;
-    * ``cm.channels[cid]``: a circuit death no longer reconnects it;
-    * ``cm.pvs[cid]`` stays until the server confirms the ClearChannel (its reply is routed
-      through it) and is removed later by `purge_cleared`.
+    * here, under the Context's lock: ``ctx.pvs`` and ``ctx.pvs_needing_circuits``, and
+      the broadcaster's unanswered search, so no search result or ``get_pvs`` finds it;
+    * on the selector thread, when the server confirms the ClearChannel: the circuit
+      manager's ``pvs`` and ``channels`` entries (the confirmation is routed through them,
+      and caproto iterates them, on that thread, when the circuit dies);
+    * `InlineContext.reconnect` skips forgotten PVs whose circuit died before that.
 
     Returns False, changing nothing, while the channel is being created (CreateChan sent,
-    no reply yet): its reply also needs those tables.
+    no reply yet): its reply needs the PV where caproto put it.
     """
     if _creating(pv):
         return False
     cm = pv.circuit_manager
     chan = pv.channel
-    live = cm is not None and not cm.dead.is_set()
     with ctx.pv_cache_lock:
         if ctx.pvs.get((pv.name, pv.priority)) is pv:
             del ctx.pvs[(pv.name, pv.priority)]
@@ -520,20 +522,11 @@ def forget_pv(ctx: Context, pv: PV) -> bool:
             if not waiting:
                 del ctx.pvs_needing_circuits[pv.name]
     ctx.broadcaster.cancel(pv.name)
-    if cm is None:
-        return True
-    cids = [cid for cid, owner in list(cm.pvs.items()) if owner is pv]
-    for cid in cids:
-        cm.channels.pop(cid, None)
-    if live and chan is not None and pv.connected:
-        pv.connection_state_callback.add_callback(_drop_cid_callback(cm, cids))
-        try:
+    if cm is not None and not cm.dead.is_set() and chan is not None and pv.connected:
+        cids = [cid for cid, owner in list(cm.pvs.items()) if owner is pv]
+        pv.connection_state_callback.add_callback(_cleared_callback(cm, cids))
+        with contextlib.suppress(Exception):  # the circuit died meanwhile: nothing to clear
             cm.send(chan.clear())
-            return True
-        except Exception:  # the circuit died meanwhile: nothing to clear any more
-            pass
-    for cid in cids:
-        cm.pvs.pop(cid, None)
     return True
 
 
@@ -545,29 +538,23 @@ def _creating(pv: PV) -> bool:
 
 
 _KEEP: set[Any] = set()  # strong references for the one-shot callbacks below
-_CLEARED: deque[tuple[Any, list[int]]] = deque()  # (circuit manager, cids) to purge
 
 
-def _drop_cid_callback(cm: Any, cids: list[int]) -> Callable[[PV, str], None]:
-    """A connection-state callback noting that the server confirmed the ClearChannel
-    (caproto reports it as 'disconnected'); `purge_cleared` then removes ``cids`` from
-    ``cm.pvs``. Not here: caproto may be iterating over ``cm.pvs`` while it calls us."""
+def _cleared_callback(cm: Any, cids: list[int]) -> Callable[[PV, str], None]:
+    """A one-shot connection-state callback for a forgotten PV: when the server confirms
+    the ClearChannel (caproto reports 'disconnected', on the selector thread, after it
+    looked the PV up), drop the circuit manager's entries for it. If the circuit died
+    instead, caproto is iterating those tables right now: leave them, they die with it."""
 
-    def _drop_cid(_pv: PV, state: str) -> None:
+    def _cleared(_pv: PV, state: str) -> None:
         if state != "disconnected":
             return
-        _CLEARED.append((cm, cids))
-        _KEEP.discard(_drop_cid)
-
-    _KEEP.add(_drop_cid)
-    return _drop_cid
-
-
-def purge_cleared() -> int:
-    """Remove the circuit-manager entries of cleared channels (called by the sweeper)."""
-    purged = 0
-    while _CLEARED:
-        cm, cids = _CLEARED.popleft()
+        _KEEP.discard(_cleared)
+        if cm.dead.is_set():
+            return
         for cid in cids:
-            purged += cm.pvs.pop(cid, None) is not None
-    return purged
+            cm.pvs.pop(cid, None)
+            cm.channels.pop(cid, None)
+
+    _KEEP.add(_cleared)
+    return _cleared

@@ -73,6 +73,13 @@ def _text(raw: bytes | str) -> str:
     return raw.split(b"\0", 1)[0].decode(_STRING_ENCODING, errors="replace")
 
 
+def _ca_string(text: Any) -> bytes:
+    """A PVA string for a DBR_STRING: UTF-8, cut to 39 bytes on a character boundary
+    (CA strings are 40 bytes with their NUL; caproto would cut at 40 and drop the NUL)."""
+    raw = str(text).encode(_STRING_ENCODING)[:39]
+    return raw.decode(_STRING_ENCODING, errors="ignore").encode(_STRING_ENCODING)
+
+
 def alarm_fields(severity: int, status: int) -> dict[str, Any]:
     """alarm.* of one CA (severity, status) pair."""
     if status == 0:
@@ -166,11 +173,11 @@ class NTSpec:
             raise ValueError("put must set the value field")
         item = value["value"]
         if self.kind == "string":
-            return [str(item).encode(_STRING_ENCODING)]
+            return [_ca_string(item)]
         if self.kind == "scalar":
             return [item]
         if self.native == ChannelType.STRING:
-            return [str(s).encode(_STRING_ENCODING) for s in item]
+            return [_ca_string(s) for s in item]
         return numpy.asarray(item)
 
 
