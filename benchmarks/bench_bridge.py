@@ -279,17 +279,21 @@ def _get_row(name: str, runs: list[dict[str, Any]], gets: int) -> tuple[str, str
     return row
 
 
-# A native PVA server (p4p/pvxs SharedPV) serving the very structure the bridge serves for
-# a DBR_DOUBLE (NTScalar with display, control and valueAlarm): the reference for gets.
+# A native PVA server (p4p/pvxs SharedPV) serving the very structure and metadata the
+# bridge serves for the pcaspy IOC's temperature (a DBR_DOUBLE): the reference for gets.
 REFERENCE_SERVER = """\
 import sys, time
 from caproto import ChannelType
+from caproto._dbr import DBR_CTRL_DOUBLE
 from p4p.server import Server
 from p4p.server.raw import SharedPV
-from ioc_operator.gateways.bridge_nt import NTSpec
+from ioc_operator.gateways.bridge_nt import NTSpec, metadata_fields
 
 spec = NTSpec.for_channel(ChannelType.DOUBLE, 1)
-pv = SharedPV(initial=spec.initial({"display.units": "mm"}, [1.5], 0, 0, 1, 0))
+ctrl = DBR_CTRL_DOUBLE(precision=3, units=b"mm", lower_disp_limit=-20.0,
+                       upper_disp_limit=20.0, lower_alarm_limit=-9.0, upper_alarm_limit=9.0,
+                       lower_warning_limit=-5.0, upper_warning_limit=5.0)
+pv = SharedPV(initial=spec.initial(metadata_fields(spec, ctrl), [1.5], 0, 0, 1, 0))
 with Server(providers=[{"REF:temperature": pv}]):
     print("reference server running", flush=True)
     while True:

@@ -203,7 +203,8 @@ class Demo:
                 objects = [o for o in (
                     kube.get("apps/v1", "StatefulSet", NAMESPACE, name),
                     kube.get("v1", "Service", NAMESPACE, name),
-                    kube.get("v1", "ConfigMap", NAMESPACE, f"{name}-pvagw")) if o]
+                    kube.get("v1", "ConfigMap", NAMESPACE, f"{name}-pvagw"),
+                    kube.get("v1", "ConfigMap", NAMESPACE, f"{name}-cagw")) if o]
                 ports = ResolvedPorts(**{k: v for k, v in zip(
                     ("ca", "pva_server", "pva_broadcast"),
                     (body["status"]["ports"][p] for p in ("ca", "pvaServer", "pvaBroadcast")),

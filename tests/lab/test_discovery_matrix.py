@@ -95,13 +95,14 @@ def calls_for(lab: Lab, running: list[RunningIOC], env: dict[str, str], protocol
     calls = []
     # 10 s: a first search through a gateway or the bridge is answered only once the
     # gateway found the name upstream, and clients back off between searches (pvxs:
-    # 1, 2, 4 s); once in about 20 matrix runs a first get needed more than 5 s.
+    # 1, 2, 4 s); once in about 20 matrix runs a first get needed more than 5 s, and
+    # under a loaded CI machine a first monitor through pvagw more than 10 s.
     for lib in libs:
         for op, pv in (("get", "value"), ("put", "value"), ("monitor", "counter")):
             pvs = [r.server.pv(pv) for r in serving]
             calls.append((protocol, ClientCall(client, lib, op, pvs, env,
                                                value=2.5 if op == "put" else None,
-                                               timeout=10.0)))
+                                               timeout=15.0 if op == "monitor" else 10.0)))
     return calls
 
 

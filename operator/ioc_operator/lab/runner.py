@@ -95,7 +95,7 @@ class LabRunner:
         env = container_env(containers[0], where.ip, host_node.ip)
         server = start_server(self.lab, where, server_kind(ioc), ioc.spec.prefix, env)
         running = RunningIOC(ioc, where, host_node.ip, server, {})
-        volumes = self._volumes(ioc, pod_spec, objects)
+        volumes = self._volumes(ioc, pod_spec, rendered.objects)
         for sidecar in containers[1:]:
             running.sidecars.append(self._sidecar(where, sidecar, volumes, host_node.ip))
         if "Service" in objects:
@@ -104,15 +104,16 @@ class LabRunner:
         return running
 
     def _volumes(self, ioc: IOC, pod_spec: dict[str, Any],
-                 objects: dict[str, dict[str, Any]]) -> dict[str, Path]:
+                 objects: list[dict[str, Any]]) -> dict[str, Path]:
         """ConfigMap and emptyDir volumes as directories of the lab."""
+        config_maps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
         paths: dict[str, Path] = {}
         for vol in pod_spec.get("volumes", []):
             path = self.lab.tmpdir / "volumes" / ioc.metadata.name / vol["name"]
             path.mkdir(parents=True, exist_ok=True)
             if "configMap" in vol:
-                cm = objects.get("ConfigMap")
-                if not cm or cm["metadata"]["name"] != vol["configMap"]["name"]:
+                cm = config_maps.get(vol["configMap"]["name"])
+                if not cm:
                     raise LabError(f"volume {vol['name']}: ConfigMap not rendered")
                 for key, text in cm["data"].items():
                     (path / key).write_text(text)
