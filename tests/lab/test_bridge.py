@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +23,6 @@ from caproto import ChannelType
 
 from ioc_operator.gateways.bridge_lab import (
     IOC_CA_PORT,
-    ca_env,
     probe,
     pva_env,
     start_bridge,
@@ -45,14 +45,15 @@ class Site:
     pod: Pod
     kind: str
     prefix: str
-    ioc: Any
-    bridge: Any
+    ioc: subprocess.Popen[bytes]
+    bridge: subprocess.Popen[bytes]
 
     def pv(self, name: str) -> str:
         return self.prefix + name
 
     def bridge_log(self) -> str:
-        return self.bridge.log_path.read_text(errors="replace")
+        path = self.bridge.log_path  # type: ignore[attr-defined]  # set by Lab.spawn
+        return str(path.read_text(errors="replace"))
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +195,7 @@ def test_get_serves_normative_types(lab, sites, client, name_server):
     mode = get["mode"]
     assert mode["id"] == NTENUM
     assert mode["data"]["value"] == {"index": 0, "choices": ["Off", "On", "Auto"]}
+    assert mode["data"]["display"] == {"description": ""}
     wave = get["wave"]
     assert wave["id"] == NTARRAY and wave["data"]["value"] == [float(i) for i in range(8)]
     assert wave["data"]["display"]["units"] == "V" and wave["data"]["display"]["precision"] == 2
@@ -250,6 +252,15 @@ def test_put_round_trip(lab, sites, client):
     assert direct.ok, direct.error
     assert [direct.value(site.pv(n)) for n in ("temperature", "count", "label")] == \
         [2.5, 42, "world"]
+
+
+def test_put_refused_by_the_ioc(lab, sites, client):
+    """A PV the IOC does not let CA write (caproto read_only: no write access) refuses
+    the PVA put with the reason, and keeps its value."""
+    site = sites["caproto"]
+    res = probe(lab, client, pva_env(site.pod.ip, name_server=True),
+                [{"op": "put", "pv": site.pv("counter"), "value": -1}])
+    assert not res[0]["ok"] and "no CA write access" in res[0]["error"]
 
 
 def test_read_only_bridge_refuses_puts(lab, sites, client):
@@ -354,10 +365,23 @@ def test_ioc_restart_disconnects_and_recovers(lab, sites, client):
     assert f"CA channel {site.pv('counter')} disconnected" in site.bridge_log()
 
 
+def test_port_taken_is_an_error(lab, sites):
+    """pvxs moves to a random TCP port when its own is taken; the bridge exits instead
+    (a second bridge in the same pod)."""
+    site = sites["caproto"]
+    second = lab.spawn(site.pod, ["ioc-ca-pva-bridge", "--interface", site.pod.ip,
+                                  "--ca-addr-list", f"127.0.0.1:{IOC_CA_PORT}"], {})
+    try:
+        code = second.wait(timeout=20)
+    finally:
+        lab.stop(second)
+    log = second.log_path.read_text()  # type: ignore[attr-defined]
+    assert code == 1 and "could not bind TCP" in log, log
+
+
 def test_sigterm_stops_the_bridge_cleanly(lab, sites):
     site = sites["pcaspy"]
     start = time.monotonic()
     code = lab.stop(site.bridge, grace=5.0)
     assert code == 0 and time.monotonic() - start < 5.0
     assert "stopped" in site.bridge_log()
-    assert lab.exec(site.pod, ["true"], ca_env()).returncode == 0  # pod still usable

@@ -85,7 +85,6 @@ class BridgeConfig:
             "EPICS_PVAS_INTF_ADDR_LIST": self.interface,
             "EPICS_PVAS_SERVER_PORT": str(self.server_port),
             "EPICS_PVAS_BROADCAST_PORT": str(self.broadcast_port),
-            "EPICS_PVAS_IGNORE_ADDR_LIST": "",
         }
 
     def ca_env(self) -> dict[str, str]:

@@ -273,8 +273,9 @@ def pva_env(address: str, *, name_server: bool) -> dict[str, str]:
     return {"EPICS_PVA_ADDR_LIST": address, "EPICS_PVA_AUTO_ADDR_LIST": "NO"}
 
 
-def _wait_listening(lab: Lab, popen: subprocess.Popen[Any], tcp: int, what: str,
+def _wait_listening(popen: subprocess.Popen[Any], tcp: int, what: str,
                     timeout: float = 20.0) -> None:
+    """Wait (bounded) until the process listens on TCP ``tcp``; its log tail if it exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if popen.poll() is not None:
@@ -294,7 +295,7 @@ def start_ioc(lab: Lab, pod: Pod, kind: str, prefix: str,
     popen = lab.spawn(pod, [sys.executable, str(script), prefix], ca_env(port),
                       stdin=subprocess.DEVNULL,
                       log=lab.tmpdir / f"{kind}-ioc-{pod.name}-{len(lab.processes)}.log")
-    _wait_listening(lab, popen, port, f"{kind} IOC")
+    _wait_listening(popen, port, f"{kind} IOC")
     return popen
 
 
@@ -306,7 +307,7 @@ def start_bridge(lab: Lab, pod: Pod, *flags: str, ca_port: int = IOC_CA_PORT,
             "--broadcast-port", "5076", "--ca-addr-list", f"127.0.0.1:{ca_port}", *flags]
     popen = lab.spawn(pod, argv, dict(env or {}), stdin=subprocess.DEVNULL,
                       log=lab.tmpdir / f"bridge-{pod.name}-{len(lab.processes)}.log")
-    _wait_listening(lab, popen, 5075, "bridge")
+    _wait_listening(popen, 5075, "bridge")
     return popen
 
 

@@ -63,6 +63,7 @@ _CODES: dict[ChannelType, str] = {
     ChannelType.DOUBLE: "d",
 }
 _FLOATING = {ChannelType.FLOAT, ChannelType.DOUBLE}
+_ENUM_DISPLAY = [("display", ("S", None, [("description", "s")]))]
 _STRING_ENCODING = "utf-8"  # PVA strings are UTF-8; CA strings are bytes, usually ASCII
 
 
@@ -113,7 +114,8 @@ class NTSpec:
         native = ChannelType(native)
         array = count > 1
         if native == ChannelType.ENUM and not array:
-            return cls(native, count, "enum", NTEnum.buildType())
+            # display.description as QSRV2's NTEnum has it (pvxs nt.cpp)
+            return cls(native, count, "enum", NTEnum.buildType(extra=_ENUM_DISPLAY))
         code = ("a" if array else "") + _CODES[native]
         if native == ChannelType.STRING and not array:
             return cls(native, count, "string", NTScalar.buildType(code, display=True))
@@ -182,8 +184,8 @@ class NTSpec:
 
 
 def _number(raw: Any) -> Any:
-    """A DBR_CTRL limit as a number: ctypes hands DBR_CTRL_CHAR's c_char limits out as
-    one byte (b'\x00'), the other types as int or float."""
+    """A DBR_CTRL limit as a number: ctypes hands DBR_CTRL_CHAR's c_char limits out as a
+    one-byte bytes object, the other types' limits as int or float."""
     if isinstance(raw, bytes):
         return raw[0] if raw else 0
     return raw
@@ -192,7 +194,8 @@ def _number(raw: Any) -> Any:
 def metadata_fields(spec: NTSpec, ctrl: Any) -> dict[str, Any]:
     """display/control/valueAlarm (or value.choices) fields from a DBR_CTRL_* reply."""
     if spec.kind == "enum":
-        return {"value.choices": [_text(s) for s in ctrl.enum_strings]}
+        return {"value.choices": [_text(s) for s in ctrl.enum_strings],
+                "display.description": ""}
     if spec.native == ChannelType.STRING:
         # DBR_CTRL_STRING carries only status and severity.
         return {"display.description": "", "display.units": ""}
