@@ -73,7 +73,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, client_envs:
     memo.config = OperatorConfig.from_env()
     memo.kube = Kube(load_client())
     memo.directory = DirectoryPublisher(memo.kube, memo.config.directory_name)
-    memo.gone = frozenset()  # uids of IOCs deleted unseen: their index entries are stale
+    memo.gone = resync.Tombstones()  # IOCs deleted unseen: their index entries are stale
     memo.resync_task = asyncio.create_task(_resync_forever(memo, client_envs))
 
 
@@ -95,9 +95,7 @@ async def _resync_forever(memo: kopf.Memo, client_envs: kopf.Index) -> None:
 
 
 def _resync(memo: kopf.Memo, client_envs: kopf.Index, indexed: dict[str, str]) -> None:
-    found = resync.gone(memo.kube, indexed)
-    new = found - memo.gone
-    memo.gone = frozenset(found | (memo.gone & set(indexed)))  # forget what the index dropped
+    new = memo.gone.record(resync.gone(memo.kube, indexed), indexed)
     for uid in new:
         key = indexed[uid]
         log.info("IOC %s was deleted while unwatched: dropping it from the directory", key)

@@ -10,7 +10,8 @@ created after the list is in the index but not in the list.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterable, Mapping
 
 from . import GROUP, VERSION
 from .kube import Kube
@@ -33,3 +34,28 @@ def gone(kube: Kube, indexed: Mapping[str, str]) -> set[str]:
         if live is None or live["metadata"]["uid"] != uid:
             found.add(uid)
     return found
+
+
+class Tombstones:
+    """uids of IOCs deleted unseen, whose index entries are stale until the watch drops
+    them. One shared object mutated in place: kopf hands each resource's handlers a
+    shallow copy of the memo, so rebinding a memo attribute would never reach them."""
+
+    def __init__(self) -> None:
+        self._uids: frozenset[str] = frozenset()
+        self._lock = threading.Lock()
+
+    def __contains__(self, uid: object) -> bool:
+        return uid in self._uids  # one read of an immutable set: no lock needed
+
+    def __len__(self) -> int:
+        return len(self._uids)
+
+    def record(self, found: Iterable[str], indexed: Iterable[str]) -> set[str]:
+        """Remember `found` (newly confirmed gone), forget uids the index no longer
+        holds; return the uids that are new."""
+        found = set(found)
+        with self._lock:
+            new = found - self._uids
+            self._uids = frozenset(found | (self._uids & set(indexed)))
+        return new

@@ -6,7 +6,7 @@ import copy
 
 from ioc_operator.drift import reclaim_patch
 from ioc_operator.render import parse_ioc, render
-from ioc_operator.resync import suspects
+from ioc_operator.resync import Tombstones, suspects
 
 
 def _objects(mode: str) -> dict[str, dict]:
@@ -53,3 +53,18 @@ def test_suspects_are_indexed_uids_the_list_did_not_return():
     indexed = {"u1": "ns/a", "u2": "ns/b", "u3": "other/c"}
     assert suspects(indexed, {"u1", "u3", "u9"}) == {"u2": "ns/b"}
     assert suspects(indexed, set(indexed)) == {}
+
+
+def test_tombstones_reach_every_shallow_copy_of_the_memo():
+    """kopf gives each object's handlers copy.copy(memo): the resync's findings must be
+    visible through copies made before them (rebinding memo.gone was not)."""
+    class Memo:
+        pass
+    memo = Memo()
+    memo.gone = Tombstones()
+    handlers_copy = copy.copy(memo)
+    assert memo.gone.record({"u2"}, {"u1", "u2"}) == {"u2"}
+    assert "u2" in handlers_copy.gone and "u1" not in handlers_copy.gone
+    assert memo.gone.record({"u2"}, {"u1", "u2"}) == set()  # not new the second time
+    memo.gone.record(set(), {"u1"})  # the watch dropped u2's entry: forget it
+    assert "u2" not in handlers_copy.gone and len(handlers_copy.gone) == 0
