@@ -45,6 +45,10 @@ _claims: dict[str, Any] = {}  # key -> HostIOC
 _claims_lock = threading.Lock()
 # uid -> digest of the objects last applied: an unchanged render needs no new dry run.
 _applied: dict[str, str] = {}
+# uid -> the client settings last published for it: most IOC events (kopf's annotations,
+# conditions, finalizers) leave them as they were, and a namespace's directory costs
+# O(IOCs) to compute, so an unchanged IOC does not recompute it (O(n^2) at a cold start).
+_published: dict[str, dict[str, str]] = {}
 
 
 def _now() -> str:
@@ -54,7 +58,9 @@ def _now() -> str:
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, client_envs: kopf.Index,
                   **_: Any) -> None:
-    settings.posting.level = 20  # INFO: Normal events reach `kubectl describe`
+    # Our condition changes post their own events (kopf.event, any level). kopf's INFO
+    # logs ("Handler ... succeeded") would add an Event POST per reconcile: warnings only.
+    settings.posting.level = logging.WARNING
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
         prefix="kopf.epics-operator.io"
     )
@@ -259,6 +265,11 @@ def owned_object_event(body: kopf.Body, event: kopf.RawEvent, memo: kopf.Memo, l
                        ioc_prefixes: kopf.Index, ioc_states: kopf.Index, **_: Any) -> None:
     labels = body.get("metadata", {}).get("labels") or {}
     if labels.get("app.kubernetes.io/component") == DIRECTORY_COMPONENT:
+        name = memo.config.directory_name
+        if body["metadata"]["name"] not in (name, f"{name}-cluster"):
+            return  # someone else's, e.g. a second operator's with another name
+        if event.get("type") != "DELETED" and memo.directory.matches(dict(body)):
+            return  # the echo of our own write
         namespace = body["metadata"]["namespace"]
         memo.directory.forget(namespace)  # changed or deleted by hand: write it again
         _publish(memo, client_envs, namespace)
@@ -298,7 +309,8 @@ def client_envs(namespace: str, name: str, uid: str, status: kopf.Status,
     return {namespace: (name, uid, dict(status.get("clientEnv") or {}))}
 
 
-def _publish(memo: kopf.Memo, index: kopf.Index, namespace: str) -> None:
+def _publish(memo: kopf.Memo, index: kopf.Index, namespace: str) -> bool:
+    """Write the namespace's directory (and the cluster one); False if that failed."""
     def envs(ns: str) -> list[dict[str, str]]:
         return [env for _, uid, env in list(index.get(ns, [])) if uid not in memo.gone]
 
@@ -313,11 +325,13 @@ def _publish(memo: kopf.Memo, index: kopf.Index, namespace: str) -> None:
     except KubeError as exc:
         # e.g. the namespace is being deleted; the next IOC event publishes again.
         log.warning("client directory of %s not written: %s", namespace, exc)
+        return False
+    return True
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def ioc_event(event: kopf.RawEvent, body: kopf.Body, namespace: str, name: str,
-              spec: kopf.Spec, memo: kopf.Memo, client_envs: kopf.Index,
+def ioc_event(event: kopf.RawEvent, body: kopf.Body, namespace: str, name: str, uid: str,
+              spec: kopf.Spec, status: kopf.Status, memo: kopf.Memo, client_envs: kopf.Index,
               ioc_prefixes: kopf.Index, **_: Any) -> None:
     """Any IOC change (status included) or deletion: refresh its namespace's directory,
     release its host ports once it is gone or no longer in host mode, and let IOCs
@@ -326,12 +340,18 @@ def ioc_event(event: kopf.RawEvent, body: kopf.Body, namespace: str, name: str,
              if n != name]
     if freed:
         _recheck(memo, [f"{namespace}/{n}" for n in freed], dict(body))
-    if event.get("type") == "DELETED":
-        _applied.pop((event.get("object") or {}).get("metadata", {}).get("uid", ""), None)
-    if event.get("type") == "DELETED" or (spec.get("network") or {}).get("mode") != "host":
+    deleted = event.get("type") == "DELETED"
+    if deleted:
+        _applied.pop(uid, None)
+    if deleted or (spec.get("network") or {}).get("mode") != "host":
         with _claims_lock:
             _claims.pop(f"{namespace}/{name}", None)
-    _publish(memo, client_envs, namespace)
+    env = dict(status.get("clientEnv") or {})
+    if not deleted and _published.get(uid) == env:
+        return
+    _published.pop(uid, None)
+    if _publish(memo, client_envs, namespace) and not deleted:
+        _published[uid] = env
 
 
 PROBE_TIMEOUT = 3.0

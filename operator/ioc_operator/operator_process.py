@@ -13,14 +13,16 @@ from pathlib import Path
 class OperatorProcess:
     def __init__(self, kubeconfig: Path | str, log_path: Path,
                  args: Sequence[str] = ("run",), env: Mapping[str, str] | None = None,
-                 clean_env: bool = False) -> None:
+                 clean_env: bool = False, module: str = "ioc_operator.cli") -> None:
         """`env` adds to (or, with `clean_env`, replaces the operator's settings in) the
-        environment; KUBECONFIG always points at `kubeconfig`."""
+        environment; KUBECONFIG always points at `kubeconfig`. `module` is the entry
+        point run with `python -m` (the benchmarks' memory profile wraps the CLI)."""
         self.kubeconfig = Path(kubeconfig)
         self.log_path = log_path
         self.args = list(args)
         self.env = dict(env or {})
         self.clean_env = clean_env
+        self.module = module
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> OperatorProcess:
@@ -31,7 +33,7 @@ class OperatorProcess:
         env = {**base, **self.env, "KUBECONFIG": str(self.kubeconfig)}
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ioc_operator.cli", *self.args], stdout=log,
+                [sys.executable, "-m", self.module, *self.args], stdout=log,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         return self
 

@@ -35,6 +35,18 @@ class DirectoryPublisher:
             self._last[key] = wanted
             return True
 
+    def matches(self, body: dict[str, Any]) -> bool:
+        """Whether an observed directory ConfigMap is what was last written (the echo of
+        our own write, not a hand edit)."""
+        meta = body.get("metadata") or {}
+        with self._lock:
+            wanted = self._last.get((meta.get("namespace", ""), meta.get("name", "")))
+        if not wanted:
+            return False
+        labels = meta.get("labels") or {}
+        return (body.get("data") == wanted["data"] and all(
+            labels.get(k) == v for k, v in wanted["metadata"]["labels"].items()))
+
     def forget(self, namespace: str) -> None:
         """Make the next publish write again (the ConfigMap was changed by hand)."""
         with self._lock:

@@ -119,3 +119,33 @@ def test_directory_tracks_iocs(kube, operator, namespace):
     timed("last delete", lambda: directory(kube, namespace) is None)
     print("\ndirectory update delays: " + ", ".join(f"{w} {d * 1000:.0f} ms"
                                                     for w, d in DELAYS))
+
+
+def test_publisher_writes_changes_only_and_knows_its_own_echo(kube, namespace):
+    """The operator's DirectoryPublisher on the real API server: an unchanged set of
+    IOCs is not written again, the ConfigMap the API server returns is recognised as
+    our own write (no rewrite per echo), and a hand edit or a forget() is written over."""
+    from ioc_operator.directory import directory_config_map
+    from ioc_operator.publish import DirectoryPublisher
+
+    # not the operator's directory name: a running operator leaves it alone
+    name = "publisher-test"
+
+    pub = DirectoryPublisher(kube, name)
+    env = {"EPICS_CA_ADDR_LIST": "198.19.0.1", "EPICS_PVA_ADDR_LIST": "198.19.0.1"}
+    assert pub.publish(namespace, [env]) and not pub.publish(namespace, [env])
+    echo = kube.get("v1", "ConfigMap", namespace, name)
+    assert echo["data"] == directory_config_map(namespace, name, [env])["data"]
+    assert pub.matches(echo)
+    kube.request("PATCH", f"/api/v1/namespaces/{namespace}/configmaps/{name}",
+                 body={"data": {"EPICS_CA_ADDR_LIST": "198.19.9.9"}},
+                 content_type="application/merge-patch+json")
+    edited = kube.get("v1", "ConfigMap", namespace, name)
+    assert not pub.matches(edited)
+    assert not pub.matches({**echo, "metadata": {**echo["metadata"], "labels": {}}})
+    pub.forget(namespace)
+    assert pub.publish(namespace, [env])
+    assert kube.get("v1", "ConfigMap", namespace, name)["data"]["EPICS_CA_ADDR_LIST"] == (
+        "198.19.0.1")
+    assert pub.publish(namespace, None)  # no IOC left: the ConfigMap goes
+    assert kube.get("v1", "ConfigMap", namespace, name) is None

@@ -71,3 +71,4 @@ def test_phoebus_settings():
     assert "org.phoebus.pv.ca/name_servers=198.19.0.10:5064\n" in text
     assert "org.phoebus.pv.pva/epics_pva_name_servers=198.19.0.10:5075\n" in text
     assert "org.phoebus.pv.pva/epics_pva_auto_addr_list=false\n" in text
+

@@ -18,6 +18,7 @@ settings from the environment only (EPICS_CA_*, EPICS_PVA_*). Output::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -110,6 +111,10 @@ def _run_pyepics(
     from epics import ca
 
     results = [_Result(n) for n in names]
+    # pyepics: a subscription lives only while its returned tuple is referenced; once
+    # collected, libca calls freed ctypes memory (seen here: another lambda called with
+    # value=..., then SIGSEGV). Keep every one until the end.
+    subscriptions: list[Any] = []
     chids = {n: ca.create_channel(n, connect=False, auto_cb=False) for n in names}
     deadline = time.monotonic() + timeout
     for res in results:
@@ -137,12 +142,15 @@ def _run_pyepics(
                 def callback(value: Any = None, seen: list[Any] = seen, **_kw: Any) -> None:
                     seen.append(_scalar(value))
 
-                _evid = ca.create_subscription(chid, callback=callback)
+                subscriptions.append(ca.create_subscription(chid, callback=callback))
                 ok = _wait_for(lambda seen=seen: len(seen) >= updates, timeout)
                 res.extra["updates"] = len(seen)
                 res.done(ok, seen[:updates], None if ok else f"{len(seen)} updates in {timeout}s")
         except Exception as exc:
             res.done(False, error=f"{type(exc).__name__}: {exc}")
+    for sub in subscriptions:
+        with contextlib.suppress(Exception):  # the results are in; this is tidying up
+            ca.clear_subscription(sub[2])
     return results
 
 
