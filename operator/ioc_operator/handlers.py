@@ -18,7 +18,7 @@ from typing import Any
 import kopf
 import urllib3
 
-from . import GROUP, PLURAL, VERSION, prefixes, resync
+from . import GROUP, PLURAL, VERSION, echoes, prefixes, resync
 from .allocation import Allocation, allocate, host_ioc, placed
 from .conditions import Cond, merge_conditions, transitions
 from .config import OperatorConfig
@@ -49,6 +49,8 @@ _applied: dict[str, str] = {}
 # conditions, finalizers) leave them as they were, and a namespace's directory costs
 # O(IOCs) to compute, so an unchanged IOC does not recompute it (O(n^2) at a cold start).
 _published: dict[str, dict[str, str]] = {}
+# IOC uid -> marks of the objects its last reconcile applied (see echoes.py).
+_written: dict[str, dict[str, echoes.Mark]] = {}
 
 
 def _now() -> str:
@@ -106,6 +108,8 @@ def _resync(memo: kopf.Memo, client_envs: kopf.Index, indexed: dict[str, str]) -
         key = indexed[uid]
         log.info("IOC %s was deleted while unwatched: dropping it from the directory", key)
         _applied.pop(uid, None)
+        _written.pop(uid, None)
+        _published.pop(uid, None)
         with _claims_lock:
             if key in _claims and _claims[key].uid == uid:
                 del _claims[key]
@@ -168,7 +172,7 @@ def _run(body: dict[str, Any], memo: kopf.Memo, host_iocs: kopf.Index,
     with _locks[uid]:
         try:
             outcome = reconcile(memo.kube, body, memo.config, _allocator(memo, host_iocs),
-                                _applied, owner)
+                                _applied, owner, _written.setdefault(uid, {}))
             _write_status(memo, body, outcome.status, outcome.conditions)
         except KubeError as exc:
             raise kopf.TemporaryError(f"API error, retrying: {exc}", delay=RETRY_DELAY) from exc
@@ -207,23 +211,28 @@ def ioc_changed(body: kopf.Body, memo: kopf.Memo, host_iocs: kopf.Index,
     _run(dict(body), memo, host_iocs, ioc_prefixes)
 
 
-def _owner_ioc(body: kopf.Body) -> str | None:
+def _owner_ioc(body: kopf.Body) -> tuple[str, str] | None:
+    """The owning IOC's name and uid."""
     for ref in body.get("metadata", {}).get("ownerReferences") or []:
         if ref.get("kind") == "IOC" and ref.get("apiVersion", "").startswith(GROUP):
-            return ref.get("name")
+            return ref.get("name", ""), ref.get("uid", "")
     return None
 
 
-def _nothing_to_do(body: kopf.Body, event_type: str | None, ioc: dict[str, Any]) -> bool:
+def _nothing_to_do(body: kopf.Body, event_type: str | None, ioc: dict[str, Any],
+                   echo: bool = False) -> bool:
     """A StatefulSet status update that changes nothing the IOC reports. Most events on
     a big cluster are these (the controller's own bookkeeping); drift bumps the
-    generation and deletion is its own event type, so both still reconcile."""
+    generation and deletion is its own event type, so both still reconcile. `echo`: the
+    StatefulSet is as the operator applied it (echoes.py), so a controller that has
+    not observed it yet needs no reconcile either."""
     if body.get("kind") != "StatefulSet" or event_type == "DELETED":
         return False
     meta, sts = body.get("metadata", {}), body.get("status") or {}
     status = ioc.get("status") or {}
-    if meta.get("generation") != sts.get("observedGeneration") or status.get(
-            "observedGeneration") != ioc["metadata"].get("generation"):
+    if not echo and meta.get("generation") != sts.get("observedGeneration"):
+        return False
+    if status.get("observedGeneration") != ioc["metadata"].get("generation"):
         return False
     ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
     if ready.get("reason") not in ("Running", "PodNotReady"):
@@ -236,19 +245,26 @@ def _child_event(body: kopf.Body, memo: kopf.Memo, logger: Any, host_iocs: kopf.
                  event_type: str | None = None) -> None:
     """An owned object changed or vanished: reconcile its IOC (recreates, reverts drift,
     refreshes readiness). Server-side apply of unchanged objects writes nothing."""
-    name = _owner_ioc(body)
+    owner = _owner_ioc(body)
     namespace = body.get("metadata", {}).get("namespace")
-    if not name:
+    if not owner:
         return
+    name, owner_uid = owner
+    if owner_uid in _locks:
+        with _locks[owner_uid]:
+            pass  # a reconcile in flight records its writes before we compare
+    echo = event_type != "DELETED" and echoes.is_echo(_written.get(owner_uid), dict(body))
+    if echo and body.get("kind") != "StatefulSet":
+        return  # our own write coming back
     # The index answers the common case without an API call: at 1,000 IOCs the
     # controller's status updates arrive by the thousand after a restart.
     known = list(ioc_states.get((namespace, name), []))
-    if known and _nothing_to_do(body, event_type, known[0]):
+    if known and _nothing_to_do(body, event_type, known[0], echo):
         return
     ioc = memo.kube.get(f"{GROUP}/{VERSION}", "IOC", namespace, name)
     if ioc is None or ioc["metadata"].get("deletionTimestamp"):
         return  # the garbage collector is removing it
-    if _nothing_to_do(body, event_type, ioc):
+    if _nothing_to_do(body, event_type, ioc, echo):
         return
     try:
         _run(ioc, memo, host_iocs, ioc_prefixes)
@@ -343,6 +359,7 @@ def ioc_event(event: kopf.RawEvent, body: kopf.Body, namespace: str, name: str, 
     deleted = event.get("type") == "DELETED"
     if deleted:
         _applied.pop(uid, None)
+        _written.pop(uid, None)
     if deleted or (spec.get("network") or {}).get("mode") != "host":
         with _claims_lock:
             _claims.pop(f"{namespace}/{name}", None)
@@ -350,7 +367,11 @@ def ioc_event(event: kopf.RawEvent, body: kopf.Body, namespace: str, name: str, 
     if not deleted and _published.get(uid) == env:
         return
     _published.pop(uid, None)
-    if _publish(memo, client_envs, namespace) and not deleted:
+    written = _publish(memo, client_envs, namespace)
+    if deleted:
+        log.info("IOC %s/%s deleted: directory %s", namespace, name,
+                 "refreshed" if written else "not written")
+    elif written:
         _published[uid] = env
 
 

@@ -30,6 +30,7 @@ PLURALS = {
     "IOC": "iocs",
 }
 CLUSTER_SCOPED = {"Node", "Namespace"}
+POOL_SIZE = 24
 
 
 class KubeError(Exception):
@@ -71,6 +72,10 @@ def load_client() -> k8s.ApiClient:
             k8s_config.load_incluster_config(client_configuration=configuration)
         except k8s_config.ConfigException:
             k8s_config.load_kube_config(client_configuration=configuration)
+    # One kept-alive connection per handler thread (16) plus the resync and the probes:
+    # the default pool of 10 discards connections under load, and each new one costs a
+    # TLS handshake ("Connection pool is full" in the log at a cold start).
+    configuration.connection_pool_maxsize = POOL_SIZE
     return k8s.ApiClient(configuration)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import clientenv, drift, prefixes
+from . import clientenv, drift, echoes, prefixes
 from .allocation import Allocation, PortRangeExhausted
 from .conditions import Cond
 from .config import OperatorConfig
@@ -53,10 +53,12 @@ class Observed:
 def reconcile(kube: Kube, body: dict[str, Any], config: OperatorConfig,
               allocator: Allocator | None = None,
               applied: dict[str, str] | None = None,
-              prefix_taken_by: str | None = None) -> Outcome:
+              prefix_taken_by: str | None = None,
+              written: dict[str, echoes.Mark] | None = None) -> Outcome:
     """Bring the objects of one IOC in line with its spec. Raises KubeError only for
     passing faults (the caller retries); a user's mistake becomes a condition.
-    `prefix_taken_by`: an older IOC of the namespace with the same PV prefix."""
+    `prefix_taken_by`: an older IOC of the namespace with the same PV prefix.
+    `written` receives the mark of each object as soon as it is applied (echoes.py)."""
     meta = body.get("metadata", {})
     generation = meta.get("generation")
     allocation = None
@@ -94,7 +96,11 @@ def reconcile(kube: Kube, body: dict[str, Any], config: OperatorConfig,
         if patch:
             reclaim[_key(obj)] = patch
 
-    results = [_apply(kube, obj, reclaim.get(_key(obj))) for obj in objects]
+    results = []
+    for obj in objects:
+        results.append(_apply(kube, obj, reclaim.get(_key(obj))))
+        if written is not None:
+            written[echoes.key(results[-1])] = echoes.mark(results[-1])
     if applied is not None:
         applied[uid] = digest
     _prune(kube, ioc, objects)
