@@ -15,6 +15,7 @@ import uuid
 from collections import defaultdict
 from typing import Any
 
+import aiohttp
 import kopf
 import urllib3
 
@@ -49,12 +50,36 @@ _applied: dict[str, str] = {}
 # conditions, finalizers) leave them as they were, and a namespace's directory costs
 # O(IOCs) to compute, so an unchanged IOC does not recompute it (O(n^2) at a cold start).
 _published: dict[str, dict[str, str]] = {}
+# IOC uid -> the inputs its kopf handler last reconciled (see ioc_changed).
+_handled: dict[str, tuple[int, str, str]] = {}
 # IOC uid -> marks of the objects its last reconcile applied (see echoes.py).
 _written: dict[str, dict[str, echoes.Mark]] = {}
 
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# kopf's own HTTP session has no connection limit: a burst of 1,000 patches opens
+# hundreds of TLS connections at once, ~1 MB each between asyncio's buffer and OpenSSL's,
+# and the 500 MB peak that makes is never given back. 32 is room for the watches (6) and
+# enough parallel requests to keep a burst moving.
+KOPF_CONNECTIONS = 32
+
+
+@kopf.on.login()
+async def login(logger: Any, settings: kopf.OperatorSettings,
+                **kwargs: Any) -> kopf.AiohttpSession | None:
+    """kopf's usual credentials (in-cluster, else $KUBECONFIG), in a bounded session."""
+    info = kopf.login_via_client(logger=logger, settings=settings, **kwargs)
+    if info is None:
+        return None
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=KOPF_CONNECTIONS, ssl=info.as_ssl_context()),
+        headers=info.as_http_headers(), proxy=info.proxy_url, trust_env=info.trust_env)
+    return kopf.AiohttpSession(aiohttp_session=session, server=info.server,
+                               default_namespace=info.default_namespace,
+                               expiration=info.expiration, priority=info.priority)
 
 
 @kopf.on.startup()
@@ -109,6 +134,7 @@ def _resync(memo: kopf.Memo, client_envs: kopf.Index, indexed: dict[str, str]) -
         log.info("IOC %s was deleted while unwatched: dropping it from the directory", key)
         _applied.pop(uid, None)
         _written.pop(uid, None)
+        _handled.pop(uid, None)
         _published.pop(uid, None)
         with _claims_lock:
             if key in _claims and _claims[key].uid == uid:
@@ -207,8 +233,26 @@ def _recheck(memo: kopf.Memo, keys: list[str], body: dict[str, Any]) -> None:
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
 def ioc_changed(body: kopf.Body, memo: kopf.Memo, host_iocs: kopf.Index,
-                ioc_prefixes: kopf.Index, **_: Any) -> None:
+                ioc_prefixes: kopf.Index, logger: Any, **_: Any) -> None:
+    uid, seen = body["metadata"]["uid"], _inputs(body)
+    last = _handled.get(uid)
+    if last is not None and (last[0] > seen[0] or last == seen):
+        # A stale event: under load the watch can deliver an IOC's events a minute late,
+        # after kopf stopped waiting for its own patch, and kopf takes one without its
+        # annotation for a creation. Reconciling it would re-apply an older spec.
+        logger.debug("generation %s already reconciled: nothing to do", seen[0])
+        return
     _run(dict(body), memo, host_iocs, ioc_prefixes)
+    _handled[uid] = seen
+
+
+def _inputs(body: kopf.Body) -> tuple[int, str, str]:
+    """What a reconcile depends on besides the spec (which the generation stands for):
+    the labels the objects inherit and the recheck annotation other IOCs set."""
+    meta = body["metadata"]
+    notes = meta.get("annotations") or {}
+    return (int(meta.get("generation") or 0), json.dumps(meta.get("labels") or {},
+            sort_keys=True), notes.get(RECHECK_ANNOTATION, ""))
 
 
 def _owner_ioc(body: kopf.Body) -> tuple[str, str] | None:
@@ -360,6 +404,7 @@ def ioc_event(event: kopf.RawEvent, body: kopf.Body, namespace: str, name: str, 
     if deleted:
         _applied.pop(uid, None)
         _written.pop(uid, None)
+        _handled.pop(uid, None)
     if deleted or (spec.get("network") or {}).get("mode") != "host":
         with _claims_lock:
             _claims.pop(f"{namespace}/{name}", None)
