@@ -56,6 +56,12 @@ _handled: dict[str, tuple[int, str, str]] = {}
 _written: dict[str, dict[str, echoes.Mark]] = {}
 
 
+def _forget(uid: str) -> None:
+    """Drop what the operator remembers of an IOC that is gone."""
+    for memory in (_applied, _published, _handled, _written):
+        memory.pop(uid, None)
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -132,10 +138,7 @@ def _resync(memo: kopf.Memo, client_envs: kopf.Index, indexed: dict[str, str]) -
     for uid in new:
         key = indexed[uid]
         log.info("IOC %s was deleted while unwatched: dropping it from the directory", key)
-        _applied.pop(uid, None)
-        _written.pop(uid, None)
-        _handled.pop(uid, None)
-        _published.pop(uid, None)
+        _forget(uid)
         with _claims_lock:
             if key in _claims and _claims[key].uid == uid:
                 del _claims[key]
@@ -402,9 +405,7 @@ def ioc_event(event: kopf.RawEvent, body: kopf.Body, namespace: str, name: str, 
         _recheck(memo, [f"{namespace}/{n}" for n in freed], dict(body))
     deleted = event.get("type") == "DELETED"
     if deleted:
-        _applied.pop(uid, None)
-        _written.pop(uid, None)
-        _handled.pop(uid, None)
+        _forget(uid)
     if deleted or (spec.get("network") or {}).get("mode") != "host":
         with _claims_lock:
             _claims.pop(f"{namespace}/{name}", None)
