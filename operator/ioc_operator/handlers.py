@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import datetime
 import functools
 import json
 import logging
-import os
-import sys
 import threading
 import uuid
 from collections import defaultdict
@@ -19,7 +16,7 @@ import aiohttp
 import kopf
 import urllib3
 
-from . import GROUP, PLURAL, VERSION, echoes, prefixes, resync
+from . import GROUP, PLURAL, VERSION, echoes, prefixes, reachability, resync
 from .allocation import Allocation, allocate, host_ioc, placed
 from .conditions import Cond, merge_conditions, transitions
 from .config import OperatorConfig
@@ -100,7 +97,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, client_envs:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="kopf.epics-operator.io", key="last-handled-configuration"
     )
-    # Daemons (the probe) need a finalizer so kopf can stop them before deletion.
+    # Nothing needs a finalizer now (probes are our own tasks, not kopf daemons); kopf
+    # removes this one, which earlier versions put on probed IOCs, as it sees them.
     settings.persistence.finalizer = f"{GROUP}/operator"
     settings.watching.server_timeout = 300
     # kopf's default backoffs grow to 21 s: after an API server outage the watches would
@@ -113,12 +111,14 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, client_envs:
     memo.kube = Kube(load_client())
     memo.directory = DirectoryPublisher(memo.kube, memo.config.directory_name)
     memo.gone = resync.Tombstones()  # IOCs deleted unseen: their index entries are stale
+    memo.prober = reachability.Prober(functools.partial(_write_reachability, memo))
     memo.resync_task = asyncio.create_task(_resync_forever(memo, client_envs))
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     memo.resync_task.cancel()
+    await memo.prober.stop()
 
 
 async def _resync_forever(memo: kopf.Memo, client_envs: kopf.Index) -> None:
@@ -128,12 +128,16 @@ async def _resync_forever(memo: kopf.Memo, client_envs: kopf.Index) -> None:
         # a snapshot taken on the event loop, which is where kopf changes the index
         indexed = {uid: f"{ns}/{name}" for ns in client_envs for name, uid, _ in client_envs[ns]}
         try:
-            await loop.run_in_executor(None, _resync, memo, client_envs, indexed)
+            gone = await loop.run_in_executor(None, _resync, memo, client_envs, indexed)
         except (KubeError, urllib3.exceptions.HTTPError, OSError) as exc:
             log.warning("resync skipped: %s", exc)
+            continue
+        for uid in gone:
+            memo.prober.forget(uid)
 
 
-def _resync(memo: kopf.Memo, client_envs: kopf.Index, indexed: dict[str, str]) -> None:
+def _resync(memo: kopf.Memo, client_envs: kopf.Index, indexed: dict[str, str]) -> set[str]:
+    """Drop IOCs deleted while unwatched; returns their uids."""
     new = memo.gone.record(resync.gone(memo.kube, indexed), indexed)
     for uid in new:
         key = indexed[uid]
@@ -144,6 +148,7 @@ def _resync(memo: kopf.Memo, client_envs: kopf.Index, indexed: dict[str, str]) -
                 del _claims[key]
     for namespace in sorted({indexed[uid].split("/", 1)[0] for uid in new}):
         _publish(memo, client_envs, namespace)
+    return set(new)
 
 
 def _allocator(memo: kopf.Memo, index: kopf.Index) -> Any:
@@ -421,73 +426,19 @@ def ioc_event(event: kopf.RawEvent, body: kopf.Body, namespace: str, name: str, 
         _published[uid] = env
 
 
-PROBE_TIMEOUT = 3.0
-MAX_BACKOFF = 300.0
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def probe_event(event: kopf.RawEvent, body: kopf.Body, uid: str, memo: kopf.Memo,
+                      **_: Any) -> None:
+    """Start, retarget or stop the IOC's reachability probe (reachability.py)."""
+    if event.get("type") == "DELETED":
+        memo.prober.forget(uid)
+    else:
+        memo.prober.set(uid, reachability.target(dict(body)))
 
 
-async def _probe(pv: str, env: dict[str, str]) -> dict[str, Any]:
-    """Run the probe in a child process with exactly the published settings (caproto
-    reads them from the environment), without blocking the event loop."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("EPICS_")}
-    args = [sys.executable, "-m", "ioc_operator.probe", "--pv", pv,
-            "--timeout", str(PROBE_TIMEOUT)]
-    args += ["--ca"] if "EPICS_CA_ADDR_LIST" in env else []
-    args += ["--pva"] if "EPICS_PVA_ADDR_LIST" in env else []
-    proc = await asyncio.create_subprocess_exec(
-        *args, env={**clean, **env}, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout=4 * PROBE_TIMEOUT + 10)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        return {"probe": {"ok": False, "error": "probe process timed out"}}
-    try:
-        return json.loads(out.decode() or "{}")
-    except ValueError:
-        return {"probe": {"ok": False, "error": f"probe failed (exit {proc.returncode})"}}
-
-
-def reachable_condition(result: dict[str, Any]) -> Cond:
-    """Pure: probe results in, the Reachable condition out."""
-    if not result:
-        return Cond("Reachable", None, "NoAddress", "no published address yet")
-    parts = [f"{proto.upper()} {r['ms']} ms" if r.get("ok") else
-             f"{proto.upper()} failed: {r.get('error')}" for proto, r in sorted(result.items())]
-    ok = all(r.get("ok") for r in result.values())
-    return Cond("Reachable", ok, "Reachable" if ok else "Unreachable",
-                "; ".join(parts) + " (with the published client settings)")
-
-
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0,
-             when=lambda spec, **_: bool((spec.get("probe") or {}).get("pv")))
-async def reachability(stopped: kopf.DaemonStopped, body: kopf.Body, spec: kopf.Spec,
-                       memo: kopf.Memo, logger: Any, **_: Any) -> None:
-    """Read the probe PV over each served protocol every period; back off while the IOC
-    is unreachable. The body is kopf's live view, so spec and status stay current."""
-    failures = 0
-    loop = asyncio.get_running_loop()
-    while not stopped:
-        probe = spec.get("probe") or {}
-        period = float(probe.get("periodSeconds") or 30)
-        env = dict((body.get("status") or {}).get("clientEnv") or {})
-        result = await _probe(probe["pv"], env) if env and probe.get("pv") else {}
-        cond = reachable_condition(result)
-        failures = 0 if cond.status else failures + 1
-        status = {"reachability": {k: v for k, v in result.items()} or None}
-        snapshot = dict(body)
-        try:
-            # copy_context: kopf.event() needs kopf's context variables in that thread
-            write = functools.partial(contextvars.copy_context().run, _locked_write,
-                                      memo, snapshot, status, cond)
-            await loop.run_in_executor(None, write)
-        except KubeError as exc:
-            logger.warning("could not write reachability: %s", exc)
-        delay = period if cond.status else min(period * 2 ** min(failures - 1, 5), MAX_BACKOFF)
-        await stopped.wait(delay)
-
-
-def _locked_write(memo: kopf.Memo, body: dict[str, Any], status: dict[str, Any],
-                  cond: Cond) -> None:
-    with _locks[body["metadata"]["uid"]]:
+def _write_reachability(memo: kopf.Memo, target: reachability.Target,
+                        status: dict[str, Any], cond: Cond) -> None:
+    body = {"metadata": {"namespace": target.namespace, "name": target.name,
+                         "uid": target.uid, "generation": target.generation}}
+    with _locks[target.uid]:
         _write_status(memo, body, status, [cond])

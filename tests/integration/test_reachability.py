@@ -1,4 +1,4 @@
-"""The probe daemon reports Reachable from what it measures, without blocking others.
+"""The probe reports Reachable from what it measures, without blocking others.
 
 The IOC is in host mode on a Node whose address is 127.0.0.1, so the probe's packets
 only ever go to loopback; nothing listens there, so the IOC is Unreachable.
@@ -7,7 +7,7 @@ only ever go to loopback; nothing listens there, so the IOC is Unreachable.
 from __future__ import annotations
 
 from ioc_operator.conditions import Cond
-from ioc_operator.handlers import reachable_condition
+from ioc_operator.reachability import reachable_condition
 
 from support import IOC_API, wait_for
 
@@ -57,3 +57,19 @@ def test_reachable_condition_from_results():
     assert bad.status is False and bad.reason == "Unreachable"
     assert "PVA failed: TimeoutError: x" in bad.message
     assert reachable_condition({}).status is None
+
+
+def test_the_finalizer_of_earlier_versions_is_removed(kube, operator, namespace):
+    """Earlier versions ran the probe as a kopf daemon, which put a finalizer on probed
+    IOCs; nothing needs one now, and an IOC left with it could not be deleted."""
+    kube.create({"apiVersion": IOC_API, "kind": "IOC",
+                 "metadata": {"name": "legacy", "namespace": namespace,
+                              "finalizers": ["epics-operator.io/operator"]},
+                 "spec": {"image": "registry.example/ioc:1", "prefix": "LEG:",
+                          "probe": {"pv": "LEG:HEARTBEAT", "periodSeconds": 5}}})
+    wait_for("finalizer removed", lambda: not (
+        kube.get(IOC_API, "IOC", namespace, "legacy") or {"metadata": {"finalizers": [1]}}
+    )["metadata"].get("finalizers"), timeout=20)
+    kube.delete(IOC_API, "IOC", namespace, "legacy")
+    wait_for("IOC deleted", lambda: kube.get(IOC_API, "IOC", namespace, "legacy") is None,
+             timeout=10)
