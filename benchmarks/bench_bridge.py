@@ -2,7 +2,8 @@
 docs/ca-pva-bridge.md (between the BENCHMARK markers). Not part of the test run:
 
     sudo .venv/bin/python -m benchmarks.bench_bridge [--gets 2000] [--seconds 5] \
-        [--repeat 3] [--kinds pcaspy,caproto] [--no-write]
+        [--repeat 3] [--kinds pcaspy,caproto] [--no-write] [--monitor-only] \
+        [--profile DIR]
 
 One IOC pod runs a CA-only IOC on 127.0.0.1:15064 (sidecar mode) and the bridge on the pod
 IP. Measured, for each IOC kind (pcaspy = C++ CAS, caproto = Python), each figure the
@@ -13,9 +14,15 @@ median of --repeat runs:
   the bridge from the same pod and from a pod on another node; and, as the reference for
   what PVA itself costs, p4p against a native pvxs server serving the same structure;
 - monitor updates per second the client receives while the pcaspy IOC writes one PV as
-  fast as it can (CA straight, and p4p through the bridge), the IOC's own write rate, and
-  the bridge's CPU seconds per 1,000 updates it delivered (utime+stime of all its threads
-  from /proc/<pid>/stat, over exactly the client's counting window).
+  fast as it can (CA straight, and p4p through the bridge), the IOC's own write rate, the
+  bridge's CPU seconds per 1,000 updates it delivered (utime+stime of all its threads
+  from /proc/<pid>/stat, over exactly the client's counting window) and the client's own
+  (the p4p client pops updates in batches from a queue of 1,000: see CLIENT).
+
+--monitor-only measures only the monitor rows (pcaspy IOC) and writes nothing; --profile DIR
+also records the bridge with py-spy (all threads, native frames) during each of its
+monitor runs, into DIR as speedscope JSON (py-spy's sampling costs the bridge some CPU:
+profiled runs are not the figures).
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -66,19 +75,36 @@ def timed_gets(get, n):
     return {"median_us": statistics.median(lat), "p99_us": pct(lat, 0.99), "n": n}
 
 
+class Counter:
+    """Updates received and the last one; written by one thread, read by the main one
+    (an off-by-one between the two fields is noise over tens of thousands of updates)."""
+
+    def __init__(self, to_int=int):
+        self.n, self.last, self.to_int = 0, None, to_int
+
+    def add(self, value):
+        self.n += 1
+        self.last = value
+
+    def read(self):
+        last = self.last
+        return self.n, (self.to_int(last) if last is not None else None)
+
+
+def cpu_seconds():
+    """utime + stime of this process (all threads)."""
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def count_updates(subscribe, go, seconds):
     """Subscribe, then start the IOC's writer for the ramp-up plus the window (a
     subscription added under load trips a caproto server bug) and count what arrives."""
-    seen = []
-    lock = threading.Lock()
-
-    def cb(value):
-        with lock:
-            seen.append((time.perf_counter(), value))
-
-    stop = subscribe(cb)
+    counter = Counter()
+    stop = subscribe(counter)
     deadline = time.monotonic() + 10
-    while not seen and time.monotonic() < deadline:
+    while not counter.n and time.monotonic() < deadline:
         time.sleep(0.01)
     for attempt in range(3):  # a put can wait behind a backlog the IOC is still sending
         try:
@@ -88,20 +114,18 @@ def count_updates(subscribe, go, seconds):
             if attempt == 2:
                 raise
     time.sleep(1.0)  # ramp up
-    with lock:
-        start = len(seen)
-    t0, m0 = time.perf_counter(), time.monotonic()
+    n0, v0 = counter.read()
+    t0, m0, c0 = time.perf_counter(), time.monotonic(), cpu_seconds()
     time.sleep(seconds)
-    with lock:
-        window = seen[start:]
-    elapsed, m1 = time.perf_counter() - t0, time.monotonic()
+    n1, v1 = counter.read()
+    elapsed, m1, c1 = time.perf_counter() - t0, time.monotonic(), cpu_seconds()
     time.sleep(1.5)  # the writer stops by itself
     stop()
-    produced = (window[-1][1] - window[0][1]) if len(window) > 1 else 0
+    produced = (v1 - v0) if v0 is not None and v1 is not None else 0
     # CLOCK_MONOTONIC is one clock for all network namespaces: the harness reads the
     # bridge's CPU time over exactly [m0, m1].
-    return {"updates": len(window), "per_s": len(window) / elapsed,
-            "ioc_per_s": produced / elapsed, "seconds": elapsed, "window": [m0, m1]}
+    return {"updates": n1 - n0, "per_s": (n1 - n0) / elapsed, "ioc_per_s": produced / elapsed,
+            "seconds": elapsed, "window": [m0, m1], "client_cpu": c1 - c0}
 
 
 if lib == "p4p":
@@ -110,23 +134,38 @@ if lib == "p4p":
     if op == "get":
         out = timed_gets(lambda: ctx.get(name, timeout=5.0), args["n"])
     else:
+        from p4p import _p4p
         from p4p.client.raw import Context as RawContext
         raw = RawContext("pva", useenv=True, nt=False)  # (raw default: no env)
+        pop = _p4p.ClientMonitor.pop  # what Subscription.pop calls, without its wrapper
 
-        def sub(cb):
-            # The raw API: one notification, then pop() until empty; no per-update
-            # thread hop (the thread Context would make the client the bottleneck).
-            holder = {}
+        def sub(counter):
+            # p4p's raw API, popped in batches by one Python thread: pvxs's client thread
+            # queues updates (queueSize 1000, asked of the server too, so neither side
+            # squashes them) without calling into Python per update; every update is
+            # still received and popped as a p4p Value. (A callback per update made the
+            # client cost ~40 us of CPU per update, more than half the bridge's.)
+            counter.to_int = lambda v: int(v["value"])
+            s = raw.monitor(name, lambda: None, request="record[queueSize=1000]")
+            stopped = threading.Event()
 
-            def ready(*_):
-                while True:
-                    v = holder["s"].pop()
-                    if v is None or isinstance(v, Exception):
-                        return
-                    cb(int(v["value"]))
+            def poll():
+                add = counter.add
+                while not stopped.wait(0.002):
+                    while True:
+                        v = pop(s)
+                        if v is None or isinstance(v, Exception):
+                            break
+                        add(v)
 
-            holder["s"] = raw.monitor(name, ready)
-            return holder["s"].close
+            poller = threading.Thread(target=poll, daemon=True)
+            poller.start()
+
+            def stop():
+                stopped.set()
+                poller.join(5)
+                s.close()
+            return stop
         out = count_updates(sub, lambda v: ctx.put(go_pv, v, timeout=10.0), args["seconds"])
 elif lib == "pyepics":
     import epicscorelibs.path.pyepics  # noqa: F401  (libca of EPICS 7)
@@ -135,8 +174,9 @@ elif lib == "pyepics":
     if op == "get":
         out = timed_gets(lambda: ca.get(chid, timeout=5.0), args["n"])
     else:
-        def sub(cb):
-            keep = ca.create_subscription(chid, callback=lambda value=None, **kw: cb(int(value)))
+        def sub(counter):
+            keep = ca.create_subscription(chid, callback=lambda value=None, **kw:
+                                          counter.add(int(value)))
             return lambda keep=keep: None
         go_chid = ca.create_channel(go_pv, connect=True, auto_cb=False)
         out = count_updates(sub, lambda v: ca.put(go_chid, v, wait=True, timeout=10.0),
@@ -149,10 +189,10 @@ else:  # caproto threading client
     if op == "get":
         out = timed_gets(lambda: pv.read(timeout=5.0), args["n"])
     else:
-        def sub(cb):
+        def sub(counter):
             s = pv.subscribe()
             def on_update(sub, response):
-                cb(int(response.data[0]))
+                counter.add(int(response.data[0]))
             s.add_callback(on_update)
             return s.clear
         go, = ctx.get_pvs(go_pv, timeout=5.0)
@@ -216,8 +256,9 @@ def measure(lab: Lab, pod: Pod, env: dict[str, str], args: dict[str, Any],
     raise LabError(f"bench client failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
 
 
-def bench_kind(lab: Lab, kind: str, gets: int, seconds: float,
-               repeat: int) -> list[tuple[str, str, str]]:
+def bench_kind(lab: Lab, kind: str, gets: int, seconds: float, repeat: int, *,
+               monitor_only: bool = False,
+               profile: Path | None = None) -> list[tuple[str, str, str]]:
     pod = lab.add_pod(0, name=f"ioc-{kind}")
     remote = lab.add_pod(1, name=f"client-{kind}")
     ioc = start_ioc(lab, pod, kind, PREFIX)
@@ -230,6 +271,8 @@ def bench_kind(lab: Lab, kind: str, gets: int, seconds: float,
         ("PVA via bridge, p4p, same pod", pod, "p4p", via_bridge),
         ("PVA via bridge, p4p, other node", remote, "p4p", via_bridge),
     ):
+        if monitor_only:
+            break
         runs = [measure(lab, where, env, {"lib": lib, "op": "get",
                                           "pv": PREFIX + "temperature", "n": gets})
                 for _ in range(repeat)]
@@ -241,28 +284,55 @@ def bench_kind(lab: Lab, kind: str, gets: int, seconds: float,
             ("PVA via bridge, p4p, other node", remote, "p4p", via_bridge),
         ):
             rows.append(_monitor_row(lab, f"{kind}: monitor, {label}", where, lib, env,
-                                     bridge.pid, seconds, repeat))
+                                     bridge.pid, seconds, repeat,
+                                     profile=profile if lib == "p4p" else None))
     lab.stop(bridge)
     lab.stop(ioc)
     return rows
 
 
+def _py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy recording ``pid`` (all threads, native frames) for ``seconds``."""
+    exe = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([exe, "record", "--pid", str(pid), "--threads", "--native",
+                             "--rate", "200", "--duration", str(max(1, round(seconds))),
+                             "--format", "speedscope", "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
 def _monitor_row(lab: Lab, name: str, where: Pod, lib: str, env: dict[str, str],
-                 bridge_pid: int, seconds: float, repeat: int) -> tuple[str, str, str]:
-    rates, ioc_rates, cpu_per_k = [], [], []
-    for _ in range(repeat):
+                 bridge_pid: int, seconds: float, repeat: int,
+                 profile: Path | None = None) -> tuple[str, str, str]:
+    rates, ioc_rates, cpu_per_k, client_per_k = [], [], [], []
+    for run in range(repeat):
+        spy = None
+        if profile is not None:  # from the ramp-up on; py-spy stops by itself
+            slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+            spy = _py_spy(bridge_pid, seconds + 2, profile / f"{slug}-{run}.speedscope.json")
         with CpuSampler(bridge_pid) as cpu:
             res = measure(lab, where, env, {"lib": lib, "op": "monitor", "pv": PREFIX + "fast",
                                             "go": PREFIX + "go", "seconds": seconds})
+        if spy is not None:
+            try:
+                spy.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait(timeout=5)
         rates.append(res["per_s"])
         ioc_rates.append(res["ioc_per_s"])
         cpu_per_k.append(cpu.between(*res["window"]) / max(res["updates"], 1) * 1000)
+        client_per_k.append(res["client_cpu"] / max(res["updates"], 1) * 1000)
+        print(f"  run {run + 1}: {res['per_s']:,.0f} updates/s, IOC {res['ioc_per_s']:,.0f}/s"
+              + (f", bridge CPU {cpu_per_k[-1]:.4f} s per 1,000" if lib == "p4p" else "")
+              + f", client CPU {client_per_k[-1]:.4f} s per 1,000", flush=True)
         time.sleep(3)  # let the IOC's send queues drain before the next run
     note = (f"median (min-max) of {repeat} runs of {seconds:g} s: {min(rates):,.0f}-"
             f"{max(rates):,.0f}; the IOC wrote {statistics.median(ioc_rates):,.0f}/s")
     if lib == "p4p":
         note += (f"; bridge CPU {statistics.median(cpu_per_k):.3f} s per 1,000 updates "
                  "delivered (utime+stime, all threads)")
+    note += f"; client CPU {statistics.median(client_per_k):.3f} s per 1,000"
     row = (name, f"{statistics.median(rates):,.0f} updates/s", note)
     print(*row, sep="  ", flush=True)
     return row
@@ -347,13 +417,21 @@ def main() -> None:
     p.add_argument("--kinds", default="pcaspy,caproto", help="IOC kinds, comma-separated")
     p.add_argument("--repeat", type=int, default=3, help="runs per figure (median reported)")
     p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("--monitor-only", action="store_true",
+                   help="only the monitor rows (pcaspy IOC); implies --no-write")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="py-spy the bridge during its monitor runs (speedscope files in DIR)")
     args = p.parse_args()
+    if args.monitor_only:
+        args.no_write, args.kinds = True, "pcaspy"
     rows: list[tuple[str, str, str]] = []
     load = os.getloadavg()[0]
     with Lab(nodes=2) as lab:
-        rows += bench_reference(lab, args.gets, args.repeat)
+        if not args.monitor_only:
+            rows += bench_reference(lab, args.gets, args.repeat)
         for kind in args.kinds.split(","):
-            rows += bench_kind(lab, kind, args.gets, args.seconds, args.repeat)
+            rows += bench_kind(lab, kind, args.gets, args.seconds, args.repeat,
+                               monitor_only=args.monitor_only, profile=args.profile)
     width = max(len(r[0]) for r in rows)
     for name, value, cond in rows:
         print(f"{name:{width}}  {value:>22}   {cond}")

@@ -15,9 +15,10 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import struct
 import threading
 import time
-from collections import deque
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any
@@ -28,10 +29,11 @@ from caproto import SubscriptionType
 from caproto._commands import read_from_bytestream
 from caproto.threading.client import PV, Context, Subscription, VirtualCircuitManager
 from p4p import Value
+from p4p._p4p import SharedPV as _NativeSharedPV
 from p4p.server import ServerOperation
 from p4p.server.raw import SharedPV
 
-from .bridge_nt import NTSpec, metadata_fields
+from .bridge_nt import POSIX_TIME_AT_EPICS_EPOCH, NTSpec, TimeUpdate, alarm_fields, metadata_fields
 
 __all__ = [
     "BridgeChannel",
@@ -39,7 +41,6 @@ __all__ = [
     "FastCircuitManager",
     "InlineContext",
     "InlineExecutor",
-    "LinearRecvCircuit",
     "forget_pv",
 ]
 
@@ -48,6 +49,9 @@ log = logging.getLogger("ioc_operator.gateways.bridge")
 CA_OP_TIMEOUT = 2.0  # seconds for a CA read issued from a callback (the channel is up)
 TIME_MASK = SubscriptionType.DBE_VALUE | SubscriptionType.DBE_ALARM
 PROPERTY_MASK = SubscriptionType.DBE_PROPERTY
+# SharedPV.post without p4p's Python wrapper (it only applies the identity ``wrap``: the
+# bridge's SharedPVs have no ``nt``).
+_post = _NativeSharedPV.post
 
 
 class ChannelState(enum.Enum):
@@ -88,8 +92,10 @@ class BridgeChannel:
         self._pending: Any = None  # a DBR_TIME update that came before the metadata
         self._last_alarm: tuple[int, int] | None = None
         self._last_stamp: tuple[int, int] | None = None
-        self._last_data: Any = None
+        self._last_value: Any = None
         self._time_dbr = -1  # DBR_TIME_* id of the current spec (-1: none yet)
+        self._decode: Any = None  # spec.time_decoder() of the current spec
+        self._out: Value | None = None  # the Value every update is posted in (reused)
         self._subs: list[Subscription] = []
         self.pv: PV = self._new_pv()
 
@@ -134,7 +140,7 @@ class BridgeChannel:
                 return
             self.state = ChannelState.CONNECTING
             was_open, self._open = self._open, False
-            self._spec, self._time_dbr, self._pending = None, -1, None
+            self._set_spec(None)
         if was_open:  # connected twice without a disconnect in between: start afresh
             self.spv.close()
         chan = self.pv.channel
@@ -159,6 +165,9 @@ class BridgeChannel:
         time_sub = self.pv.subscribe(data_type="time", mask=TIME_MASK)
         prop_sub = self.pv.subscribe(data_type="control", mask=PROPERTY_MASK)
         self._subs = [time_sub, prop_sub]
+        # FastCircuitManager hands DBR_TIME updates to _on_raw_update straight from the
+        # bytes; _on_update gets the ones it declines, as caproto messages.
+        time_sub.raw_update = weakref.WeakMethod(self._on_raw_update)
         time_sub.add_callback(self._on_update)
         prop_sub.add_callback(self._on_property)
 
@@ -167,7 +176,7 @@ class BridgeChannel:
             if self.state in _RELEASED:  # (also how caproto confirms our ClearChannel)
                 return
             self.state, self.disconnected_at = ChannelState.DISCONNECTED, time.monotonic()
-            self._spec, self._time_dbr, self._pending = None, -1, None
+            self._set_spec(None)
             was_open = self._open
             self._open = False
         self.claimable.clear()
@@ -186,10 +195,17 @@ class BridgeChannel:
             return
         spec = NTSpec.for_channel(ca.native_type(response.data_type), chan.native_data_count)
         self._metadata = metadata_fields(spec, response.metadata)
-        self._spec, self._time_dbr = spec, spec.time_dbr
-        pending, self._pending = self._pending, None
+        pending = self._pending
+        self._set_spec(spec)
         if pending is not None:
             self._apply_update(pending)
+
+    def _set_spec(self, spec: NTSpec | None) -> None:
+        """The NT the channel is served as (None: not known, after a (re)connect)."""
+        self._spec, self._pending = spec, None
+        self._time_dbr = spec.time_dbr if spec is not None else -1
+        self._decode = spec.time_decoder() if spec is not None else None
+        self._out = spec.type() if spec is not None else None
 
     def _on_property(self, _sub: Any, response: Any) -> None:
         """A DBR_CTRL update: post the metadata fields that changed (DBE_PROPERTY)."""
@@ -209,45 +225,83 @@ class BridgeChannel:
                 value[key] = item
             self._post(value)
 
+    def _on_raw_update(self, data_type: int, count: int, buf: bytearray, start: int,
+                       end: int) -> bool:
+        """A DBR_TIME monitor update straight from the circuit's bytes (FastCircuitManager):
+        the hot path. False (nothing done) if it is not this spec's type, or before the
+        metadata: then caproto's message comes to `_on_update`."""
+        decode = self._decode
+        if data_type != self._time_dbr or decode is None:
+            return False
+        try:
+            update = decode(buf, start, end, count)
+            if update is None:
+                return False
+            self._deliver(update)
+        except Exception:
+            log.exception("%s: update failed", self.name)
+        return True
+
     def _on_update(self, _sub: Any, response: Any) -> None:
-        try:  # (no context manager: this is the hot path)
+        try:  # (no context manager: monitor updates come here until the metadata is in)
             self._apply_update(response)
         except Exception:
             log.exception("%s: update failed", self.name)
 
     def _apply_update(self, response: Any) -> None:
-        """A DBR_TIME update (monitor or put read-back): open the SharedPV or post a delta.
-
-        The hot path of the bridge: one p4p Value per CA update, alarm fields only when
-        they changed, and a value identical to the last one posted (same timestamp and
-        alarm, as after a put's read-back) is not posted twice.
-        """
+        """A DBR_TIME update as a caproto message (a put's read-back, or a monitor update
+        before the metadata came): keep it for later or deliver it."""
         spec = self._spec
         if response.header.data_type != self._time_dbr or spec is None:
             self._pending = response  # metadata not there yet (connect or reconnect)
             return
-        md, data = response.metadata, response.data
-        alarm = (md.severity, md.status)
-        stamp = (md.secondsSinceEpoch, md.nanoSeconds)
+        md = response.metadata
+        self._deliver((spec.value_of(response.data), md.severity, md.status,
+                       md.secondsSinceEpoch, md.nanoSeconds))
+
+    def _deliver(self, update: TimeUpdate) -> None:
+        """Open the SharedPV with the first update, post the later ones as deltas.
+
+        One posted Value per CA update: value and timeStamp, alarm fields only when they
+        changed; an update identical to the last one posted (same timestamp, alarm and
+        value, as after a put's read-back) is not posted twice. The Value is reused
+        (filled, posted, unmarked): pvxs copies what it keeps.
+        """
+        value, severity, status, seconds, nanoseconds = update
+        alarm = (severity, status)
+        stamp = (seconds, nanoseconds)
         if self._open:
             if stamp == self._last_stamp and alarm == self._last_alarm \
-                    and _same_data(data, self._last_data):
+                    and _same_value(value, self._last_value):
                 return
-            value = spec.update(data, alarm[0], alarm[1], stamp[0], stamp[1],
-                                alarm_changed=alarm != self._last_alarm)
-            self._last_alarm, self._last_stamp, self._last_data = alarm, stamp, data
+            out, spec = self._out, self._spec
+            if out is None or spec is None:
+                return
+            out[spec.value_key] = value
+            out["timeStamp.secondsPastEpoch"] = seconds + POSIX_TIME_AT_EPICS_EPOCH
+            out["timeStamp.nanoseconds"] = nanoseconds
+            if alarm != self._last_alarm:
+                for key, item in alarm_fields(severity, status).items():
+                    out[key] = item
+            self._last_alarm, self._last_stamp, self._last_value = alarm, stamp, value
             try:
-                self.spv.post(value)
+                _post(self.spv, out)
             except Exception as exc:  # closed by a disconnect or drop in between
                 log.debug("post to %s skipped: %s", self.name, exc)
+            finally:
+                out.unmark()
             return
-        value = spec.initial(self._metadata, data, alarm[0], alarm[1], *stamp)
+        spec = self._spec
+        if spec is None:
+            return
+        initial = spec.initial(self._metadata, [value] if spec.kind != "array" else value,
+                               severity, status, seconds, nanoseconds)
         with self._lock:
             if self.state is not ChannelState.CONNECTING:
                 return
             self.state, self._open = ChannelState.CONNECTED, True
-            self._last_alarm, self._last_stamp, self._last_data = alarm, stamp, data
-            self.spv.open(value)
+            self._last_alarm, self._last_stamp, self._last_value = alarm, stamp, value
+            self.spv.open(initial)
         log.debug("serving %s as %s", self.name, spec.type_id)
 
     def _post(self, value: Value) -> None:
@@ -323,7 +377,7 @@ class BridgeChannel:
             if not self._release_ca():
                 return False
             self.state, was_open, self._open = ChannelState.DORMANT, self._open, False
-            self._spec, self._time_dbr, self._pending = None, -1, None
+            self._set_spec(None)
         self.claimable.clear()
         if was_open:
             self.spv.close()
@@ -380,12 +434,11 @@ def _differs(old: Any, new: Any) -> bool:
     return bool(old != new)
 
 
-def _same_data(new: Any, old: Any) -> bool:
-    if old is None or len(new) != len(old):
-        return False
-    if isinstance(new, numpy.ndarray):
-        return bool(numpy.array_equal(new, old))
-    return list(new) == list(old)
+def _same_value(new: Any, old: Any) -> bool:
+    """Whether two PVA values (as `NTSpec.value_of` gives them) are equal."""
+    if isinstance(new, numpy.ndarray) or isinstance(old, numpy.ndarray):
+        return old is not None and bool(numpy.array_equal(new, old))
+    return bool(new == old)
 
 
 class InlineExecutor(Executor):
@@ -409,47 +462,74 @@ class InlineExecutor(Executor):
         return future
 
 
-class LinearRecvCircuit(ca.VirtualCircuit):
-    """caproto's VirtualCircuit with a linear-time ``recv``.
-
-    caproto's ``recv`` re-slices its bytearray after every message, copying the rest of
-    the buffer each time: quadratic in the bytes one ``recv`` gets, and the selector
-    reads everything the socket holds. A bridge that fell behind a fast IOC then spends
-    most of its time in memmove (measured: ~0.5 ms per 32-byte update with a backlog).
-    Here messages are parsed through a memoryview and the remainder is copied once.
-    """
-
-    def recv(self, *buffers: Any) -> tuple[deque[Any], int]:
-        received = b"".join(buffers)
-        if not received:
-            return super().recv(*buffers)  # caproto's disconnect handling
-        data = self._data + received
-        view = memoryview(data)
-        offset, needed = 0, 0
-        commands: deque[Any] = deque()
-        while True:
-            rest, command, needed = read_from_bytestream(view[offset:], self.their_role)
-            if command is ca.NEED_DATA:
-                break
-            commands.append(command)
-            offset = len(data) - len(rest)
-        # The parsed commands keep views into ``data``; it is never written again.
-        self._data = bytearray(view[offset:])
-        return commands, needed
+_HEADER = struct.Struct(">HHHHII")  # CA message header: command, payload size, data type,
+# data count, parameter 1, parameter 2 (for EVENT_ADD: status, subscription id)
+_HEADER_SIZE = _HEADER.size
+_EVENT_ADD = 1
+_EXTENDED = 0xFFFF  # payload size marking an extended header
 
 
 class FastCircuitManager(VirtualCircuitManager):
     """caproto's circuit manager with a short path for monitor updates.
 
-    caproto validates every EventAddResponse against the circuit's and the channel's
-    state machines, then dispatches it through the Subscription: ~30 enum hashes and a
-    dozen isinstance checks per update, more than the rest of the bridge's work. An
-    update for a live subscription (known, not being cancelled, with a payload) changes
-    no state, so it goes straight to the subscription's callbacks, in stream order like
-    everything else; all other messages take caproto's path.
+    caproto parses everything one ``recv`` returned into message objects first (a
+    header, a ctypes metadata struct, a numpy array and three memoryviews per update),
+    then validates every EventAddResponse against the circuit's and the channel's state
+    machines and dispatches it through the Subscription: ~30 enum hashes and a dozen
+    isinstance checks per update, more than the rest of the bridge's work. And when the
+    bridge fell behind, one read held tens of thousands of updates, all alive at once as
+    objects (the garbage collector then traversed them again and again).
+
+    (caproto's ``VirtualCircuit.recv`` also re-slices its buffer after every message,
+    quadratic in the bytes one read returns: ~0.5 ms per update with a backlog.)
+
+    Here messages are handled one after the other as they are parsed, in stream order,
+    through offsets into one buffer (linear time; the unparsed rest is kept once). A
+    monitor update for a live subscription (known, not being cancelled, with a payload)
+    changes no state: if the subscription has a ``raw_update`` handler (a weak method
+    taking data type, element count, the bytes and the payload's start and end) that
+    accepts it, no message object is made at all; otherwise it goes straight to the
+    subscription's callbacks. Every other message takes caproto's path.
     """
 
     __slots__ = ()
+
+    def received(self, bytes_recv: bytes, address: Any) -> Any:
+        if not bytes_recv:
+            return super().received(bytes_recv, address)  # caproto's disconnect handling
+        self.last_tcp_receipt = time.monotonic()
+        circuit = self.circuit
+        # (writable: caproto's ctypes structs are made with from_buffer)
+        data = circuit._data + bytes_recv if circuit._data else bytearray(bytes_recv)
+        size, offset, needed = len(data), 0, 0
+        view = memoryview(data)
+        subscriptions = self.subscriptions
+        unpack_from = _HEADER.unpack_from
+        try:
+            while size - offset >= _HEADER_SIZE:
+                command, payload, data_type, count, _, sid = unpack_from(data, offset)
+                end = offset + _HEADER_SIZE + payload
+                if command == _EVENT_ADD and 0 < payload < _EXTENDED and end <= size:
+                    sub = subscriptions.get(sid)
+                    if (sub is not None and sid in circuit.event_add_commands
+                            and sid not in circuit.event_cancel_commands):
+                        ref = getattr(sub, "raw_update", None)
+                        handler = ref() if ref is not None else None
+                        if handler is not None and handler(data_type, count, data,
+                                                           offset + _HEADER_SIZE, end):
+                            offset = end
+                            continue
+                rest, message, needed = read_from_bytestream(view[offset:], circuit.their_role)
+                if message is ca.NEED_DATA:
+                    break
+                offset = size - len(rest)
+                self._process_command(message)
+            else:
+                needed = _HEADER_SIZE - (size - offset)
+        finally:
+            # Parsed messages keep views into ``data``; it is never written again.
+            circuit._data = bytearray(view[offset:])
+        return needed
 
     def _process_command(self, command: Any) -> None:
         if type(command) is ca.EventAddResponse and command.header.payload_size:
@@ -468,9 +548,8 @@ class FastCircuitManager(VirtualCircuitManager):
 
 class InlineContext(Context):
     """A caproto threading Context for the bridge: callbacks run inline on the selector
-    thread (InlineExecutor), circuits parse in linear time (LinearRecvCircuit),
-    monitor updates take a short path (FastCircuitManager) and PVs can be forgotten
-    (`forget_pv`)."""
+    thread (InlineExecutor), circuits parse as they go and monitor updates take a short
+    path (FastCircuitManager), and PVs can be forgotten (`forget_pv`)."""
 
     def reconnect(self, keys: Any) -> None:
         """After a circuit died: search again for its PVs, except forgotten ones (their
@@ -485,9 +564,8 @@ class InlineContext(Context):
         if not isinstance(cm.user_callback_executor, InlineExecutor):
             pool, cm.user_callback_executor = cm.user_callback_executor, InlineExecutor()
             pool.shutdown(wait=False)
-            # Subclasses that add no state, only behaviour: the objects stay as caproto
-            # built them (handshake done, anything half-parsed kept in circuit._data).
-            cm.circuit.__class__ = LinearRecvCircuit
+            # A subclass that adds no state, only behaviour: the object stays as caproto
+            # built it (handshake done, anything half-parsed kept in circuit._data).
             cm.__class__ = FastCircuitManager
         return cm
 

@@ -2,17 +2,22 @@
 
 Pure functions and small value objects, no I/O: which NT a CA channel becomes
 (`NTSpec.for_channel`), its metadata fields from a DBR_CTRL reply (`metadata_fields`),
-one monitor/get update from a DBR_TIME reply (`NTSpec.update`) and what a PVA put
-becomes on the CA side (`NTSpec.put_data`). See docs/ca-pva-bridge.md for the table.
+one monitor/get update from a DBR_TIME reply (`NTSpec.update`, or straight from the
+message's bytes: `NTSpec.time_decoder`) and what a PVA put becomes on the CA side
+(`NTSpec.put_data`). See docs/ca-pva-bridge.md for the table.
 """
 
 from __future__ import annotations
 
+import ctypes
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy
 from caproto import ChannelType, field_types
+from caproto._dbr import DBR_TYPES
 from p4p import Type, Value
 from p4p.nt import NTEnum, NTScalar
 
@@ -21,6 +26,7 @@ __all__ = [
     "ALARM_STATUS",
     "POSIX_TIME_AT_EPICS_EPOCH",
     "NTSpec",
+    "TimeUpdate",
     "alarm_fields",
     "metadata_fields",
 ]
@@ -63,6 +69,18 @@ _CODES: dict[ChannelType, str] = {
     ChannelType.DOUBLE: "d",
 }
 _FLOATING = {ChannelType.FLOAT, ChannelType.DOUBLE}
+# One value on the wire (big-endian): struct code and numpy dtype.
+_WIRE: dict[ChannelType, tuple[str, str]] = {
+    ChannelType.STRING: ("40s", "S40"),
+    ChannelType.INT: ("h", ">i2"),
+    ChannelType.FLOAT: ("f", ">f4"),
+    ChannelType.ENUM: ("H", ">u2"),
+    ChannelType.CHAR: ("B", "u1"),
+    ChannelType.LONG: ("i", ">i4"),
+    ChannelType.DOUBLE: ("d", ">f8"),
+}
+# What a decoded DBR_TIME update is: (PVA value, severity, status, CA seconds, nanoseconds).
+TimeUpdate = tuple[Any, int, int, int, int]
 _ENUM_DISPLAY = [("display", ("S", None, [("description", "s")]))]
 _STRING_ENCODING = "utf-8"  # PVA strings are UTF-8; CA strings are bytes, usually ASCII
 
@@ -127,6 +145,58 @@ class NTSpec:
     @property
     def type_id(self) -> str:
         return self.type.getID()
+
+    @property
+    def value_key(self) -> str:
+        """The field an update sets: ``value`` (``value.index`` for NTEnum)."""
+        return "value.index" if self.kind == "enum" else "value"
+
+    def time_decoder(self) -> Callable[[bytearray, int, int, int], TimeUpdate | None]:
+        """A decoder for this channel's DBR_TIME_* monitor payloads, straight from the
+        received bytes: ``decode(buf, start, end, count)`` with the payload at
+        ``buf[start:end]`` and ``count`` elements (from the CA header) returns the PVA
+        value (as `value_of` would), severity, status, seconds and nanoseconds, or None if
+        the payload is not what this spec expects (the caller then takes caproto's path).
+
+        The payload is caproto's DBR_TIME_* struct (status, severity, stamp, padding that
+        aligns the value) then the value(s), big-endian. One ``struct`` call for a scalar
+        instead of caproto's message object, ctypes metadata and numpy array per update.
+        """
+        md_size = ctypes.sizeof(DBR_TYPES[field_types["time"][self.native]])
+        code, dtype = _WIRE[self.native]
+        kind = self.kind
+        if kind != "array":  # scalar, enum, string: exactly one element
+            fmt = struct.Struct(f">hhII{md_size - 12}x{code}" if md_size > 12 else f">hhII{code}")
+            unpack_from, size = fmt.unpack_from, fmt.size
+
+            def scalar(buf: bytearray, start: int, end: int, count: int) -> TimeUpdate | None:
+                if count != 1 or end - start < size:
+                    return None
+                status, severity, seconds, nanoseconds, value = unpack_from(buf, start)
+                if kind == "string":
+                    value = _text(value)
+                return value, severity, status, seconds, nanoseconds
+
+            return scalar
+
+        head = struct.Struct(">hhII")
+        wire = numpy.dtype(dtype)
+        native = wire.newbyteorder("=")
+        strings = self.native == ChannelType.STRING
+
+        def array(buf: bytearray, start: int, end: int, count: int) -> TimeUpdate | None:
+            if end - start < md_size + count * wire.itemsize:
+                return None
+            status, severity, seconds, nanoseconds = head.unpack_from(buf, start)
+            first = start + md_size
+            if strings:
+                value: Any = [_text(bytes(buf[first + 40 * i:first + 40 * (i + 1)]))
+                              for i in range(count)]
+            else:  # a native-order copy: p4p stores it as is, and it keeps no buffer alive
+                value = numpy.frombuffer(buf, wire, count, first).astype(native)
+            return value, severity, status, seconds, nanoseconds
+
+        return array
 
     # ------------------------------------------------------------------ CA -> PVA
     def value_of(self, data: Any) -> Any:
