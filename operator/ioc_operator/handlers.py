@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import datetime
 import functools
 import json
 import logging
 import threading
 import uuid
-from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -18,9 +19,11 @@ import urllib3
 
 from . import GROUP, PLURAL, VERSION, echoes, prefixes, reachability, resync
 from .allocation import Allocation, allocate, host_ioc, placed
+from .coalesce import Coalescer
 from .conditions import Cond, merge_conditions, transitions
 from .config import OperatorConfig
 from .directory import COMPONENT as DIRECTORY_COMPONENT
+from .ioclocks import IOCLocks
 from .kube import Kube, KubeError, load_client
 from .models import IOC
 from .prefixes import PrefixHolder
@@ -36,7 +39,9 @@ RECHECK_ANNOTATION = f"{GROUP}/recheck-ports"
 
 # One reconcile at a time per IOC: its own handlers and the watches on its children
 # run on different kopf workers.
-_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+_locks = IOCLocks()
+# How long a child event waits for its IOC's reconcile before it queues for a thread.
+LOCK_WAIT = 60.0
 # Host-port allocations made but maybe not yet seen in the index (status written after
 # the handler returns), so two IOCs reconciled at once never pick the same port.
 _claims: dict[str, Any] = {}  # key -> HostIOC
@@ -51,12 +56,16 @@ _published: dict[str, dict[str, str]] = {}
 _handled: dict[str, tuple[int, str, str]] = {}
 # IOC uid -> marks of the objects its last reconcile applied (see echoes.py).
 _written: dict[str, dict[str, echoes.Mark]] = {}
+# IOC uid -> what the operator last wrote of its status, shaped like an `ioc_states`
+# entry: fresher than the index until the watch brings the status write back.
+_reported: dict[str, dict[str, Any]] = {}
 
 
 def _forget(uid: str) -> None:
     """Drop what the operator remembers of an IOC that is gone."""
-    for memory in (_applied, _published, _handled, _written):
+    for memory in (_applied, _published, _handled, _written, _reported):
         memory.pop(uid, None)
+    _locks.forget(uid)
 
 
 def _now() -> str:
@@ -107,9 +116,14 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, client_envs:
     # Sync handlers run in kopf's thread pool (default: cores + 4). They mostly wait on
     # the API server, so more threads keep one slow burst from queueing the rest.
     settings.execution.max_workers = 16
+    memo.executor = settings.execution.executor  # async handlers hand API work to it
+    # kopf keeps an object's worker, and with it the object's last event, 5 s after the
+    # event: at a cold start that is thousands of whole objects held for nothing.
+    settings.queueing.idle_timeout = 0.5
     memo.config = OperatorConfig.from_env()
     memo.kube = Kube(load_client())
     memo.directory = DirectoryPublisher(memo.kube, memo.config.directory_name)
+    memo.publishing = Coalescer(functools.partial(_publish, memo, client_envs), memo.executor)
     memo.gone = resync.Tombstones()  # IOCs deleted unseen: their index entries are stale
     memo.prober = reachability.Prober(functools.partial(_write_reachability, memo))
     memo.resync_task = asyncio.create_task(_resync_forever(memo, client_envs))
@@ -188,6 +202,7 @@ def _write_status(memo: kopf.Memo, body: dict[str, Any], status: dict[str, Any],
             if exc.status != 404:
                 raise
             return
+    _reported[meta["uid"]] = _state(fresh["metadata"].get("generation"), {**old, **new})
     for cond in transitions(current, conds):
         kopf.event(fresh, type=event_type(cond), reason=cond.reason, message=cond.message)
 
@@ -203,7 +218,7 @@ def _run(body: dict[str, Any], memo: kopf.Memo, host_iocs: kopf.Index,
     me = prefixes.holder(body)
     owner = prefixes.taken_by(me, _prefix_holders(memo, ioc_prefixes, body["metadata"][
         "namespace"]))
-    with _locks[uid]:
+    with _locks.hold(uid):
         try:
             outcome = reconcile(memo.kube, body, memo.config, _allocator(memo, host_iocs),
                                 _applied, owner, _written.setdefault(uid, {}))
@@ -292,7 +307,26 @@ def _nothing_to_do(body: kopf.Body, event_type: str | None, ioc: dict[str, Any],
     return ((sts.get("readyReplicas") or 0) >= 1) == (ready.get("status") == "True")
 
 
-def _child_event(body: kopf.Body, memo: kopf.Memo, logger: Any, host_iocs: kopf.Index,
+def _child_settled(body: kopf.Body, ioc_states: kopf.Index,
+                   event_type: str | None) -> bool:
+    """Whether an event on an owned object needs no reconcile, decided from what the
+    operator already knows (no API call): the echo of our own write, or a StatefulSet
+    status update the IOC's status already says. Decided on the event loop, so the
+    thousands of these a cold start brings never queue for a handler thread."""
+    owner = _owner_ioc(body)
+    if not owner:
+        return True
+    name, owner_uid = owner
+    echo = event_type != "DELETED" and echoes.is_echo(_written.get(owner_uid), dict(body))
+    if echo and body.get("kind") != "StatefulSet":
+        return True
+    namespace = body.get("metadata", {}).get("namespace")
+    known = list(ioc_states.get((namespace, name), []))
+    state = _freshest(known[0] if known else None, _reported.get(owner_uid))
+    return state is not None and _nothing_to_do(body, event_type, state, echo)
+
+
+def _child_event(body: dict[str, Any], memo: kopf.Memo, logger: Any, host_iocs: kopf.Index,
                  ioc_prefixes: kopf.Index, ioc_states: kopf.Index,
                  event_type: str | None = None) -> None:
     """An owned object changed or vanished: reconcile its IOC (recreates, reverts drift,
@@ -302,10 +336,9 @@ def _child_event(body: kopf.Body, memo: kopf.Memo, logger: Any, host_iocs: kopf.
     if not owner:
         return
     name, owner_uid = owner
-    if owner_uid in _locks:
-        with _locks[owner_uid]:
-            pass  # a reconcile in flight records its writes before we compare
-    echo = event_type != "DELETED" and echoes.is_echo(_written.get(owner_uid), dict(body))
+    with _locks.hold(owner_uid):
+        pass  # a reconcile in flight records its writes before we compare
+    echo = event_type != "DELETED" and echoes.is_echo(_written.get(owner_uid), body)
     if echo and body.get("kind") != "StatefulSet":
         return  # our own write coming back
     # The index answers the common case without an API call: at 1,000 IOCs the
@@ -324,13 +357,20 @@ def _child_event(body: kopf.Body, memo: kopf.Memo, logger: Any, host_iocs: kopf.
         logger.warning("reconcile of IOC %s/%s deferred: %s", namespace, name, exc)
 
 
+async def _in_thread(memo: kopf.Memo, fn: Any, *args: Any) -> Any:
+    """`fn(*args)` in kopf's handler threads, with the handler's context (its logger)."""
+    call = functools.partial(contextvars.copy_context().run, fn, *args)
+    return await asyncio.get_running_loop().run_in_executor(memo.executor, call)
+
+
 @kopf.on.event("apps", "v1", "statefulsets", labels=MANAGED)
 @kopf.on.event("", "v1", "services", labels=MANAGED)
 @kopf.on.event("", "v1", "configmaps", labels=MANAGED)
 @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED)
-def owned_object_event(body: kopf.Body, event: kopf.RawEvent, memo: kopf.Memo, logger: Any,
-                       client_envs: kopf.Index, host_iocs: kopf.Index,
-                       ioc_prefixes: kopf.Index, ioc_states: kopf.Index, **_: Any) -> None:
+async def owned_object_event(body: kopf.Body, event: kopf.RawEvent, memo: kopf.Memo,
+                             logger: Any, client_envs: kopf.Index, host_iocs: kopf.Index,
+                             ioc_prefixes: kopf.Index, ioc_states: kopf.Index,
+                             **_: Any) -> None:
     labels = body.get("metadata", {}).get("labels") or {}
     if labels.get("app.kubernetes.io/component") == DIRECTORY_COMPONENT:
         name = memo.config.directory_name
@@ -340,9 +380,17 @@ def owned_object_event(body: kopf.Body, event: kopf.RawEvent, memo: kopf.Memo, l
             return  # the echo of our own write
         namespace = body["metadata"]["namespace"]
         memo.directory.forget(namespace)  # changed or deleted by hand: write it again
-        _publish(memo, client_envs, namespace)
+        await _in_thread(memo, _publish, memo, client_envs, namespace)
         return
-    _child_event(body, memo, logger, host_iocs, ioc_prefixes, ioc_states, event.get("type"))
+    owner = _owner_ioc(body)
+    if not owner:
+        return
+    # A reconcile in flight records its writes before we compare.
+    if await _locks.released(owner[1], LOCK_WAIT) and _child_settled(
+            body, ioc_states, event.get("type")):
+        return
+    await _in_thread(memo, _child_event, dict(body), memo, logger, host_iocs, ioc_prefixes,
+                     ioc_states, event.get("type"))
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
@@ -356,12 +404,27 @@ def host_iocs(body: kopf.Body, spec: kopf.Spec, **_: Any) -> dict[str, Any] | No
 @kopf.index(GROUP, VERSION, PLURAL)
 def ioc_states(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Any, Any]:
     """What `_nothing_to_do` reads of each IOC, so most child events need no API call."""
-    status = body.get("status") or {}
+    return {(namespace, name): _state(body["metadata"].get("generation"),
+                                      body.get("status") or {})}
+
+
+def _state(generation: int | None, status: Mapping[str, Any]) -> dict[str, Any]:
     ready = [c for c in status.get("conditions") or [] if c.get("type") == "Ready"]
-    return {(namespace, name): {
-        "metadata": {"generation": body["metadata"].get("generation")},
-        "status": {"observedGeneration": status.get("observedGeneration"),
-                   "conditions": ready}}}
+    return {"metadata": {"generation": generation},
+            "status": {"observedGeneration": status.get("observedGeneration"),
+                       "conditions": ready}}
+
+
+def _freshest(indexed: dict[str, Any] | None,
+              reported: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The newer of an IOC's indexed state and the status the operator last wrote.
+    Only the operator writes Ready, so at one generation its own write is the newest."""
+    if indexed is None or reported is None:
+        return indexed or reported
+    def generations(state: dict[str, Any]) -> tuple[int, int]:
+        return (int(state["metadata"].get("generation") or 0),
+                int(state["status"].get("observedGeneration") or 0))
+    return reported if generations(reported) >= generations(indexed) else indexed
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
@@ -398,16 +461,18 @@ def _publish(memo: kopf.Memo, index: kopf.Index, namespace: str) -> bool:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def ioc_event(event: kopf.RawEvent, body: kopf.Body, namespace: str, name: str, uid: str,
-              spec: kopf.Spec, status: kopf.Status, memo: kopf.Memo, client_envs: kopf.Index,
-              ioc_prefixes: kopf.Index, **_: Any) -> None:
+async def ioc_event(event: kopf.RawEvent, body: kopf.Body, namespace: str, name: str,
+                    uid: str, spec: kopf.Spec, status: kopf.Status, memo: kopf.Memo,
+                    client_envs: kopf.Index, ioc_prefixes: kopf.Index, **_: Any) -> None:
     """Any IOC change (status included) or deletion: refresh its namespace's directory,
     release its host ports once it is gone or no longer in host mode, and let IOCs
-    refused for its prefix try again once it gave the prefix up."""
+    refused for its prefix try again once it gave the prefix up. Most IOC events change
+    none of that and end here on the event loop; only API writes go to a thread."""
     freed = [n for n in prefixes.freed(_prefix_holders(memo, ioc_prefixes, namespace))
              if n != name]
     if freed:
-        _recheck(memo, [f"{namespace}/{n}" for n in freed], dict(body))
+        await _in_thread(memo, _recheck, memo, [f"{namespace}/{n}" for n in freed],
+                         dict(body))
     deleted = event.get("type") == "DELETED"
     if deleted:
         _forget(uid)
@@ -418,7 +483,7 @@ def ioc_event(event: kopf.RawEvent, body: kopf.Body, namespace: str, name: str, 
     if not deleted and _published.get(uid) == env:
         return
     _published.pop(uid, None)
-    written = _publish(memo, client_envs, namespace)
+    written = await memo.publishing.run(namespace)
     if deleted:
         log.info("IOC %s/%s deleted: directory %s", namespace, name,
                  "refreshed" if written else "not written")
@@ -440,5 +505,5 @@ def _write_reachability(memo: kopf.Memo, target: reachability.Target,
                         status: dict[str, Any], cond: Cond) -> None:
     body = {"metadata": {"namespace": target.namespace, "name": target.name,
                          "uid": target.uid, "generation": target.generation}}
-    with _locks[target.uid]:
+    with _locks.hold(target.uid):
         _write_status(memo, body, status, [cond])

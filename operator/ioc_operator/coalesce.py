@@ -1,0 +1,55 @@
+"""Run a blocking job per key in a thread pool, sharing runs that have not started yet.
+
+A namespace's client directory is computed from all its IOCs: at a cold start each of
+1,000 IOCs changes it once, and publishing 1,000 times is O(n^2) work that queued for
+threads (each waiting call holding its IOC's event). A request made before the pending
+run for its key has started is answered by that run, which reads its input (kopf's
+index) only once it starts, so it includes every change made before the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Callable, Hashable
+from concurrent.futures import Executor
+from typing import Any
+
+
+class Coalescer:
+    def __init__(self, job: Callable[[Any], Any], executor: Executor | None = None) -> None:
+        self._job = job
+        self._executor = executor
+        self._pending: dict[Hashable, asyncio.Future[Any]] = {}
+
+    async def run(self, key: Hashable) -> Any:
+        """`job(key)`'s result, from a run that starts after this call."""
+        future = self._pending.get(key)
+        if future is None:
+            loop = asyncio.get_running_loop()
+            future = self._pending[key] = loop.create_future()
+            call = contextvars.copy_context().run
+            loop.run_in_executor(self._executor, call, self._call, key, future, loop)
+        return await asyncio.shield(future)  # one caller cancelled leaves the others
+
+    def _call(self, key: Hashable, future: asyncio.Future[Any],
+              loop: asyncio.AbstractEventLoop) -> None:
+        self._pending.pop(key, None)  # first: later requests need a later run
+        try:
+            result = self._job(key)
+        except BaseException as exc:  # handed to every waiter
+            loop.call_soon_threadsafe(_settle, future, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, future, result, None)
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
