@@ -363,7 +363,7 @@ spec = NTSpec.for_channel(ChannelType.DOUBLE, 1)
 ctrl = DBR_CTRL_DOUBLE(precision=3, units=b"mm", lower_disp_limit=-20.0,
                        upper_disp_limit=20.0, lower_alarm_limit=-9.0, upper_alarm_limit=9.0,
                        lower_warning_limit=-5.0, upper_warning_limit=5.0)
-pv = SharedPV(initial=spec.initial(metadata_fields(spec, ctrl), [1.5], 0, 0, 1, 0))
+pv = SharedPV(initial=spec.initial(metadata_fields(spec, ctrl), 1.5, 0, 0, 1, 0))
 with Server(providers=[{"REF:temperature": pv}]):
     print("reference server running", flush=True)
     while True:

@@ -307,7 +307,11 @@ def _nothing_to_do(body: kopf.Body, event_type: str | None, ioc: dict[str, Any],
     return ((sts.get("readyReplicas") or 0) >= 1) == (ready.get("status") == "True")
 
 
-def _child_settled(body: kopf.Body, ioc_states: kopf.Index,
+def _echo(body: kopf.Body | dict[str, Any], owner_uid: str, event_type: str | None) -> bool:
+    return event_type != "DELETED" and echoes.is_echo(_written.get(owner_uid), dict(body))
+
+
+def _child_settled(body: kopf.Body | dict[str, Any], ioc_states: kopf.Index,
                    event_type: str | None) -> bool:
     """Whether an event on an owned object needs no reconcile, decided from what the
     operator already knows (no API call): the echo of our own write, or a StatefulSet
@@ -317,9 +321,9 @@ def _child_settled(body: kopf.Body, ioc_states: kopf.Index,
     if not owner:
         return True
     name, owner_uid = owner
-    echo = event_type != "DELETED" and echoes.is_echo(_written.get(owner_uid), dict(body))
+    echo = _echo(body, owner_uid, event_type)
     if echo and body.get("kind") != "StatefulSet":
-        return True
+        return True  # our own write coming back
     namespace = body.get("metadata", {}).get("namespace")
     known = list(ioc_states.get((namespace, name), []))
     state = _freshest(known[0] if known else None, _reported.get(owner_uid))
@@ -329,27 +333,23 @@ def _child_settled(body: kopf.Body, ioc_states: kopf.Index,
 def _child_event(body: dict[str, Any], memo: kopf.Memo, logger: Any, host_iocs: kopf.Index,
                  ioc_prefixes: kopf.Index, ioc_states: kopf.Index,
                  event_type: str | None = None) -> None:
-    """An owned object changed or vanished: reconcile its IOC (recreates, reverts drift,
-    refreshes readiness). Server-side apply of unchanged objects writes nothing."""
+    """An owned object changed or vanished and `_child_settled` could not tell (its
+    IOC's reconcile was still running, or the IOC's state is not known): ask the API
+    server, and reconcile the IOC (recreates, reverts drift, refreshes readiness).
+    Server-side apply of unchanged objects writes nothing."""
     owner = _owner_ioc(body)
-    namespace = body.get("metadata", {}).get("namespace")
     if not owner:
         return
     name, owner_uid = owner
     with _locks.hold(owner_uid):
         pass  # a reconcile in flight records its writes before we compare
-    echo = event_type != "DELETED" and echoes.is_echo(_written.get(owner_uid), body)
-    if echo and body.get("kind") != "StatefulSet":
-        return  # our own write coming back
-    # The index answers the common case without an API call: at 1,000 IOCs the
-    # controller's status updates arrive by the thousand after a restart.
-    known = list(ioc_states.get((namespace, name), []))
-    if known and _nothing_to_do(body, event_type, known[0], echo):
+    if _child_settled(body, ioc_states, event_type):
         return
+    namespace = body.get("metadata", {}).get("namespace")
     ioc = memo.kube.get(f"{GROUP}/{VERSION}", "IOC", namespace, name)
     if ioc is None or ioc["metadata"].get("deletionTimestamp"):
         return  # the garbage collector is removing it
-    if _nothing_to_do(body, event_type, ioc, echo):
+    if _nothing_to_do(body, event_type, ioc, _echo(body, owner_uid, event_type)):
         return
     try:
         _run(ioc, memo, host_iocs, ioc_prefixes)

@@ -294,8 +294,7 @@ class BridgeChannel:
         spec = self._spec
         if spec is None:
             return
-        initial = spec.initial(self._metadata, [value] if spec.kind != "array" else value,
-                               severity, status, seconds, nanoseconds)
+        initial = spec.initial(self._metadata, value, severity, status, seconds, nanoseconds)
         with self._lock:
             if self.state is not ChannelState.CONNECTING:
                 return

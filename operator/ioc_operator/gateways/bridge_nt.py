@@ -2,9 +2,9 @@
 
 Pure functions and small value objects, no I/O: which NT a CA channel becomes
 (`NTSpec.for_channel`), its metadata fields from a DBR_CTRL reply (`metadata_fields`),
-one monitor/get update from a DBR_TIME reply (`NTSpec.update`, or straight from the
-message's bytes: `NTSpec.time_decoder`) and what a PVA put becomes on the CA side
-(`NTSpec.put_data`). See docs/ca-pva-bridge.md for the table.
+the first value (`NTSpec.initial`), an update's value from a DBR_TIME reply
+(`NTSpec.value_of`, or straight from the message's bytes: `NTSpec.time_decoder`) and
+what a PVA put becomes on the CA side (`NTSpec.put_data`). See docs/ca-pva-bridge.md for the table.
 """
 
 from __future__ import annotations
@@ -211,28 +211,21 @@ class NTSpec:
             return [_text(item) for item in data]
         return data  # numpy array: p4p copies it without a Python loop
 
-    def update(self, data: Any, severity: int, status: int, seconds: int, nanoseconds: int,
-               alarm_changed: bool = True) -> Value:
-        """One update (value, timeStamp and, if changed, alarm) from a DBR_TIME reply.
-
-        Only the fields set here are marked changed, so SharedPV.post() sends a delta.
-        """
+    def initial(self, metadata: dict[str, Any], value: Any, severity: int, status: int,
+                seconds: int, nanoseconds: int) -> Value:
+        """The complete first value (SharedPV.open() stores only marked fields); `value`
+        as `value_of` gives it. Later updates fill a reused Value field by field
+        (bridge_channel.BridgeChannel._deliver)."""
         fields: dict[str, Any] = {
-            "value.index" if self.kind == "enum" else "value": self.value_of(data),
+            self.value_key: value,
             "timeStamp.secondsPastEpoch": seconds + POSIX_TIME_AT_EPICS_EPOCH,
             "timeStamp.nanoseconds": nanoseconds,
+            **alarm_fields(severity, status),
         }
-        if alarm_changed:
-            fields.update(alarm_fields(severity, status))
-        return Value(self.type, fields)
-
-    def initial(self, metadata: dict[str, Any], data: Any, severity: int, status: int,
-                seconds: int, nanoseconds: int) -> Value:
-        """The complete first value (SharedPV.open() stores only marked fields)."""
-        value = self.update(data, severity, status, seconds, nanoseconds)
+        out = Value(self.type, fields)
         for key, item in metadata.items():
-            value[key] = item
-        return value
+            out[key] = item
+        return out
 
     # ------------------------------------------------------------------ PVA -> CA
     def put_data(self, value: Value) -> list[Any] | numpy.ndarray:
