@@ -11,6 +11,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiohttp
@@ -123,7 +124,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, client_envs:
     memo.config = OperatorConfig.from_env()
     memo.kube = Kube(load_client())
     memo.directory = DirectoryPublisher(memo.kube, memo.config.directory_name)
-    memo.publishing = Coalescer(functools.partial(_publish, memo, client_envs), memo.executor)
+    # Publishes get a thread of their own: behind a cold start's 1,000 queued reconciles
+    # in kopf's pool, each IOC's status event waited for one, holding its whole body.
+    # One thread, so the cluster directory's writes land in the order they were made.
+    memo.publisher_thread = ThreadPoolExecutor(1, thread_name_prefix="directory")
+    memo.publishing = Coalescer(functools.partial(_publish, memo, client_envs),
+                                memo.publisher_thread)
     memo.gone = resync.Tombstones()  # IOCs deleted unseen: their index entries are stale
     memo.prober = reachability.Prober(functools.partial(_write_reachability, memo))
     memo.resync_task = asyncio.create_task(_resync_forever(memo, client_envs))
@@ -133,6 +139,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, client_envs:
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     memo.resync_task.cancel()
     await memo.prober.stop()
+    memo.publisher_thread.shutdown(wait=False, cancel_futures=True)
 
 
 async def _resync_forever(memo: kopf.Memo, client_envs: kopf.Index) -> None:
@@ -142,15 +149,16 @@ async def _resync_forever(memo: kopf.Memo, client_envs: kopf.Index) -> None:
         # a snapshot taken on the event loop, which is where kopf changes the index
         indexed = {uid: f"{ns}/{name}" for ns in client_envs for name, uid, _ in client_envs[ns]}
         try:
-            gone = await loop.run_in_executor(None, _resync, memo, client_envs, indexed)
+            gone = await loop.run_in_executor(None, _resync, memo, indexed)
+            for uid in gone:
+                memo.prober.forget(uid)
+            for namespace in sorted({indexed[uid].split("/", 1)[0] for uid in gone}):
+                await memo.publishing.run(namespace)
         except (KubeError, urllib3.exceptions.HTTPError, OSError) as exc:
             log.warning("resync skipped: %s", exc)
-            continue
-        for uid in gone:
-            memo.prober.forget(uid)
 
 
-def _resync(memo: kopf.Memo, client_envs: kopf.Index, indexed: dict[str, str]) -> set[str]:
+def _resync(memo: kopf.Memo, indexed: dict[str, str]) -> set[str]:
     """Drop IOCs deleted while unwatched; returns their uids."""
     new = memo.gone.record(resync.gone(memo.kube, indexed), indexed)
     for uid in new:
@@ -160,8 +168,6 @@ def _resync(memo: kopf.Memo, client_envs: kopf.Index, indexed: dict[str, str]) -
         with _claims_lock:
             if key in _claims and _claims[key].uid == uid:
                 del _claims[key]
-    for namespace in sorted({indexed[uid].split("/", 1)[0] for uid in new}):
-        _publish(memo, client_envs, namespace)
     return set(new)
 
 
@@ -380,7 +386,7 @@ async def owned_object_event(body: kopf.Body, event: kopf.RawEvent, memo: kopf.M
             return  # the echo of our own write
         namespace = body["metadata"]["namespace"]
         memo.directory.forget(namespace)  # changed or deleted by hand: write it again
-        await _in_thread(memo, _publish, memo, client_envs, namespace)
+        await memo.publishing.run(namespace)
         return
     owner = _owner_ioc(body)
     if not owner:
@@ -394,7 +400,7 @@ async def owned_object_event(body: kopf.Body, event: kopf.RawEvent, memo: kopf.M
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
-def host_iocs(body: kopf.Body, spec: kopf.Spec, **_: Any) -> dict[str, Any] | None:
+async def host_iocs(body: kopf.Body, spec: kopf.Spec, **_: Any) -> dict[str, Any] | None:
     """Host-mode IOCs of the whole cluster: host ports are per node, not namespace."""
     if (spec.get("network") or {}).get("mode") != "host":
         return None
@@ -402,7 +408,7 @@ def host_iocs(body: kopf.Body, spec: kopf.Spec, **_: Any) -> dict[str, Any] | No
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
-def ioc_states(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Any, Any]:
+async def ioc_states(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Any, Any]:
     """What `_nothing_to_do` reads of each IOC, so most child events need no API call."""
     return {(namespace, name): _state(body["metadata"].get("generation"),
                                       body.get("status") or {})}
@@ -428,13 +434,13 @@ def _freshest(indexed: dict[str, Any] | None,
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
-def ioc_prefixes(body: kopf.Body, namespace: str, **_: Any) -> dict[str, Any]:
+async def ioc_prefixes(body: kopf.Body, namespace: str, **_: Any) -> dict[str, Any]:
     """Each IOC's PV prefix, by namespace: two IOCs must not serve the same PV names."""
     return {namespace: prefixes.holder(dict(body))}
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
-def client_envs(namespace: str, name: str, uid: str, status: kopf.Status,
+async def client_envs(namespace: str, name: str, uid: str, status: kopf.Status,
                 **_: Any) -> dict[str, Any]:
     """Each IOC's published client settings, by namespace."""
     return {namespace: (name, uid, dict(status.get("clientEnv") or {}))}

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .directory import directory_config_map
 from .kube import Kube
+
+# Our own writes' resourceVersions kept per ConfigMap: a burst of publishes has its
+# echoes arrive after later writes, and each must still be known as ours.
+KEPT_VERSIONS = 64
 
 
 class DirectoryPublisher:
@@ -17,7 +22,10 @@ class DirectoryPublisher:
         self.kube = kube
         self.name = name
         self._last: dict[tuple[str, str], dict[str, Any] | None] = {}
-        self._lock = threading.Lock()
+        self._writing: dict[tuple[str, str], dict[str, Any]] = {}
+        self._versions: dict[tuple[str, str], deque[str]] = {}
+        self._lock = threading.Lock()  # one publish at a time, held through the API call
+        self._seen = threading.Lock()  # the records above, never held through I/O
 
     def publish(self, namespace: str, envs: Iterable[Mapping[str, str]] | None,
                 name: str | None = None) -> bool:
@@ -31,24 +39,42 @@ class DirectoryPublisher:
             if wanted is None:
                 self.kube.delete("v1", "ConfigMap", namespace, name)
             else:
-                self.kube.apply(wanted)
-            self._last[key] = wanted
+                with self._seen:  # its echo can arrive before the call returns
+                    self._writing[key] = wanted
+                try:
+                    written = self.kube.apply(wanted)
+                finally:
+                    with self._seen:
+                        del self._writing[key]
+                version = (written.get("metadata") or {}).get("resourceVersion")
+                with self._seen:
+                    if version:
+                        self._versions.setdefault(
+                            key, deque(maxlen=KEPT_VERSIONS)).append(version)
+            with self._seen:
+                self._last[key] = wanted
             return True
 
     def matches(self, body: dict[str, Any]) -> bool:
-        """Whether an observed directory ConfigMap is what was last written (the echo of
-        our own write, not a hand edit)."""
+        """Whether an observed directory ConfigMap is the echo of one of our own writes
+        (the last one, one in flight, or an earlier one a later write has overtaken),
+        not a hand edit."""
         meta = body.get("metadata") or {}
-        with self._lock:
-            wanted = self._last.get((meta.get("namespace", ""), meta.get("name", "")))
-        if not wanted:
-            return False
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        with self._seen:  # not the publish lock: that one waits for the API
+            if meta.get("resourceVersion") in self._versions.get(key, ()):
+                return True
+            candidates = (self._last.get(key), self._writing.get(key))
         labels = meta.get("labels") or {}
-        return (body.get("data") == wanted["data"] and all(
-            labels.get(k) == v for k, v in wanted["metadata"]["labels"].items()))
+        for wanted in candidates:
+            if wanted and body.get("data") == wanted["data"] and all(
+                    labels.get(k) == v for k, v in wanted["metadata"]["labels"].items()):
+                return True
+        return False
 
     def forget(self, namespace: str) -> None:
         """Make the next publish write again (the ConfigMap was changed by hand)."""
-        with self._lock:
+        with self._seen:
             for key in [k for k in self._last if k[0] == namespace]:
                 del self._last[key]
+                self._versions.pop(key, None)

@@ -124,7 +124,8 @@ def test_directory_tracks_iocs(kube, operator, namespace):
 def test_publisher_writes_changes_only_and_knows_its_own_echo(kube, namespace):
     """The operator's DirectoryPublisher on the real API server: an unchanged set of
     IOCs is not written again, the ConfigMap the API server returns is recognised as
-    our own write (no rewrite per echo), and a hand edit or a forget() is written over."""
+    our own write (no rewrite per echo), also once a later write has overtaken it, and
+    a hand edit or a forget() is written over."""
     from ioc_operator.directory import directory_config_map
     from ioc_operator.publish import DirectoryPublisher
 
@@ -137,12 +138,21 @@ def test_publisher_writes_changes_only_and_knows_its_own_echo(kube, namespace):
     echo = kube.get("v1", "ConfigMap", namespace, name)
     assert echo["data"] == directory_config_map(namespace, name, [env])["data"]
     assert pub.matches(echo)
+    # a later write overtakes the first one's echo: that echo is still ours
+    env2 = {**env, "EPICS_CA_ADDR_LIST": "198.19.0.2"}
+    assert pub.publish(namespace, [env2])
+    assert pub.matches(echo)
+    assert not pub.matches({**echo, "metadata": {**echo["metadata"], "resourceVersion": "1"}})
+    assert pub.publish(namespace, [env])
+    echo = kube.get("v1", "ConfigMap", namespace, name)
     kube.request("PATCH", f"/api/v1/namespaces/{namespace}/configmaps/{name}",
                  body={"data": {"EPICS_CA_ADDR_LIST": "198.19.9.9"}},
                  content_type="application/merge-patch+json")
     edited = kube.get("v1", "ConfigMap", namespace, name)
     assert not pub.matches(edited)
-    assert not pub.matches({**echo, "metadata": {**echo["metadata"], "labels": {}}})
+    # (an edit that drops the labels: a new resourceVersion, and not what we wrote)
+    assert not pub.matches({**echo, "metadata": {**echo["metadata"], "labels": {},
+                                                 "resourceVersion": "1"}})
     pub.forget(namespace)
     assert pub.publish(namespace, [env])
     assert kube.get("v1", "ConfigMap", namespace, name)["data"]["EPICS_CA_ADDR_LIST"] == (
