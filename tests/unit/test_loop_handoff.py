@@ -124,3 +124,26 @@ def test_a_failing_job_fails_every_caller_and_the_next_run_is_fresh() -> None:
 
     assert asyncio.run(main()) == "written"
     assert calls == 2
+
+
+def test_runs_of_a_key_start_min_interval_apart_and_share_the_wait() -> None:
+    starts: list[tuple[str, float]] = []
+
+    def job(key: str) -> int:
+        starts.append((key, time.monotonic()))
+        return len(starts)
+
+    async def main() -> list[int]:
+        with ThreadPoolExecutor(1) as pool:
+            coalescer = Coalescer(job, pool, min_interval=1.0)
+            first = await coalescer.run("ns")
+            # right after a run: these wait for the interval, and share one run
+            waiting = await asyncio.gather(*[coalescer.run("ns") for _ in range(3)])
+            other = await coalescer.run("other")  # another key: no wait
+            return [first, *waiting, other]
+
+    results = asyncio.run(main())
+    assert [k for k, _ in starts] == ["ns", "ns", "other"]
+    assert starts[1][1] - starts[0][1] >= 1.0
+    assert starts[2][1] - starts[1][1] < 1.0
+    assert results == [1, 2, 2, 2, 3]
