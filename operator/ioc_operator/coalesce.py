@@ -5,9 +5,10 @@ A namespace's client directory is computed from all its IOCs: at a cold start ea
 threads (each waiting call holding its IOC's event). A request made before the pending
 run for its key has started is answered by that run, which reads its input (kopf's
 index) only once it starts, so it includes every change made before the request.
-Runs of a key can be spaced out: at 1,000 IOCs a namespace's directory is ~190 KB, and
-written back to back through a cold start it costs the API server and etcd that much
-per write (and every watcher that much per event).
+Runs of a key can be spaced out in proportion to their cost: at 1,000 IOCs a
+namespace's directory is ~190 KB, and written back to back through a cold start it
+cost the API server and etcd that much per write (and every watcher that much per
+event), while with a handful of IOCs a run takes milliseconds and needs no spacing.
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ from typing import Any
 
 class Coalescer:
     def __init__(self, job: Callable[[Any], Any], executor: Executor | None = None,
-                 min_interval: float = 0.0) -> None:
-        """Runs of one key start at least `min_interval` seconds apart: requests made
-        meanwhile wait for (and share) the next run."""
+                 duty: float = 1.0) -> None:
+        """`duty` < 1 spaces a key's runs out so that they take at most that share of
+        the time: after a run of d seconds the next one starts d * (1/duty - 1) seconds
+        after it ended at the earliest. Requests made meanwhile share that next run."""
         self._job = job
         self._executor = executor
-        self._min_interval = min_interval
+        self._rest = 1 / duty - 1
         self._pending: dict[Hashable, asyncio.Future[Any]] = {}
-        self._started: dict[Hashable, float] = {}  # loop.time() of each key's last run
+        self._next: dict[Hashable, float] = {}  # loop.time() a key's next run may start
 
     async def run(self, key: Hashable) -> Any:
         """`job(key)`'s result, from a run that starts after this call."""
@@ -37,7 +39,7 @@ class Coalescer:
         if future is None:
             loop = asyncio.get_running_loop()
             future = self._pending[key] = loop.create_future()
-            wait = self._started.get(key, -math.inf) + self._min_interval - loop.time()
+            wait = self._next.get(key, -math.inf) - loop.time()
             if wait > 0:
                 loop.call_later(wait, self._submit, key, future, loop)
             else:
@@ -52,13 +54,15 @@ class Coalescer:
     def _call(self, key: Hashable, future: asyncio.Future[Any],
               loop: asyncio.AbstractEventLoop) -> None:
         self._pending.pop(key, None)  # first: later requests need a later run
-        self._started[key] = loop.time()
+        started = loop.time()
+        result, error = None, None
         try:
             result = self._job(key)
         except BaseException as exc:  # handed to every waiter
-            loop.call_soon_threadsafe(_settle, future, None, exc)
-        else:
-            loop.call_soon_threadsafe(_settle, future, result, None)
+            error = exc
+        ended = loop.time()
+        self._next[key] = ended + (ended - started) * self._rest  # before waking anyone
+        loop.call_soon_threadsafe(_settle, future, result, error)
 
     def __len__(self) -> int:
         return len(self._pending)

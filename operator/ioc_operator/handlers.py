@@ -80,9 +80,9 @@ def _now() -> str:
 KOPF_CONNECTIONS = 32
 
 
-# A namespace's directory is written at most this often: a burst of IOC changes shares
-# writes (at 1,000 IOCs each is ~190 KB), and a lone change still goes out at once.
-PUBLISH_INTERVAL = 0.5
+# A namespace's directory publishes take at most this share of the time: a burst of IOC
+# changes shares writes (at 1,000 IOCs each is ~190 KB), a lone change goes out at once.
+PUBLISH_DUTY = 0.1
 
 
 @kopf.on.login()
@@ -134,7 +134,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, client_envs:
     # One thread, so the cluster directory's writes land in the order they were made.
     memo.publisher_thread = ThreadPoolExecutor(1, thread_name_prefix="directory")
     memo.publishing = Coalescer(functools.partial(_publish, memo, client_envs),
-                                memo.publisher_thread, PUBLISH_INTERVAL)
+                                memo.publisher_thread, PUBLISH_DUTY)
     memo.gone = resync.Tombstones()  # IOCs deleted unseen: their index entries are stale
     memo.prober = reachability.Prober(functools.partial(_write_reachability, memo))
     memo.resync_task = asyncio.create_task(_resync_forever(memo, client_envs))
@@ -492,6 +492,10 @@ async def ioc_event(event: kopf.RawEvent, body: kopf.Body, namespace: str, name:
             _claims.pop(f"{namespace}/{name}", None)
     env = dict(status.get("clientEnv") or {})
     if not deleted and _published.get(uid) == env:
+        return
+    if not deleted and not status:
+        # Never reconciled, so in no directory: kopf calls the create handler only
+        # after this one returns, and a publish here would hold the reconcile back.
         return
     _published.pop(uid, None)
     written = await memo.publishing.run(namespace)

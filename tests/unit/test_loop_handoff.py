@@ -126,24 +126,25 @@ def test_a_failing_job_fails_every_caller_and_the_next_run_is_fresh() -> None:
     assert calls == 2
 
 
-def test_runs_of_a_key_start_min_interval_apart_and_share_the_wait() -> None:
+def test_runs_of_a_key_are_spaced_by_their_cost_and_share_the_wait() -> None:
     starts: list[tuple[str, float]] = []
 
     def job(key: str) -> int:
         starts.append((key, time.monotonic()))
+        time.sleep(0.1)  # a run's cost: at duty 0.1 the next waits 0.9 s after it
         return len(starts)
 
     async def main() -> list[int]:
         with ThreadPoolExecutor(1) as pool:
-            coalescer = Coalescer(job, pool, min_interval=1.0)
+            coalescer = Coalescer(job, pool, duty=0.1)
             first = await coalescer.run("ns")
-            # right after a run: these wait for the interval, and share one run
+            # right after a run: these wait out its cost, and share one run
             waiting = await asyncio.gather(*[coalescer.run("ns") for _ in range(3)])
             other = await coalescer.run("other")  # another key: no wait
             return [first, *waiting, other]
 
     results = asyncio.run(main())
     assert [k for k, _ in starts] == ["ns", "ns", "other"]
-    assert starts[1][1] - starts[0][1] >= 1.0
-    assert starts[2][1] - starts[1][1] < 1.0
+    assert starts[1][1] - starts[0][1] >= 1.0  # 0.1 s run + 0.9 s rest
+    assert starts[2][1] - starts[1][1] < 1.0  # 0.1 s run, no rest
     assert results == [1, 2, 2, 2, 3]
