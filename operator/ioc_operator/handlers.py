@@ -337,6 +337,12 @@ def _child_settled(body: kopf.Body | dict[str, Any], ioc_states: kopf.Index,
         return True  # our own write coming back
     namespace = body.get("metadata", {}).get("namespace")
     known = list(ioc_states.get((namespace, name), []))
+    if known and owner_uid not in _written:
+        # A known IOC this process has not reconciled yet: its first reconcile (kopf
+        # resumes every IOC at start) applies all its objects. At a restart with 1,000
+        # IOCs the children's listing would otherwise queue hundreds of events for
+        # threads, each holding its object, to redo what that reconcile does anyway.
+        return True
     state = _freshest(known[0] if known else None, _reported.get(owner_uid))
     return state is not None and _nothing_to_do(body, event_type, state, echo)
 
