@@ -116,12 +116,16 @@ def cmd_crd(_: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    from . import credentials
+
+    if not credentials.needs_client_library():
+        credentials.block_client_library()  # before kopf is imported: ~10 MB less
     import kopf
 
     from . import handlers  # noqa: F401  (registers the handlers)
 
-    if args.kubeconfig:
-        os.environ["KUBECONFIG"] = args.kubeconfig
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

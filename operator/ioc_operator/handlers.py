@@ -18,7 +18,7 @@ import aiohttp
 import kopf
 import urllib3
 
-from . import GROUP, PLURAL, VERSION, echoes, prefixes, reachability, resync
+from . import GROUP, PLURAL, VERSION, credentials, echoes, prefixes, reachability, resync
 from .allocation import Allocation, allocate, host_ioc, placed
 from .coalesce import Coalescer
 from .conditions import Cond, merge_conditions, transitions
@@ -88,10 +88,11 @@ PUBLISH_DUTY = 0.1
 @kopf.on.login()
 async def login(logger: Any, settings: kopf.OperatorSettings,
                 **kwargs: Any) -> kopf.AiohttpSession | None:
-    """kopf's usual credentials (in-cluster, else $KUBECONFIG), in a bounded session."""
-    info = kopf.login_via_client(logger=logger, settings=settings, **kwargs)
-    if info is None:
-        return None
+    """The operator's credentials (credentials.py), in a bounded session."""
+    try:
+        info = credentials.load(settings)
+    except credentials.CredentialsError as exc:
+        raise kopf.LoginError(str(exc)) from None
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=KOPF_CONNECTIONS, ssl=info.as_ssl_context()),
         headers=info.as_http_headers(), proxy=info.proxy_url, trust_env=info.trust_env)

@@ -1,20 +1,25 @@
 """A small Kubernetes API layer: server-side apply, list, get, delete, status patch.
 
-Raw requests through the official client's ApiClient (auth, TLS, kubeconfig), so the
-operator needs no API discovery and every error carries the API server's own message.
+Raw requests over urllib3 with the credentials kopf's session uses (credentials.py),
+so the operator needs no API discovery, no client models, and every error carries the
+API server's own message. A kubernetes-package ApiClient works too (the tests use one).
 """
 
 from __future__ import annotations
 
 import json
-import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
-from kubernetes import client as k8s
-from kubernetes import config as k8s_config
+import urllib3
 
 from .config import FIELD_MANAGER
+
+if TYPE_CHECKING:
+    import kopf
 
 # The kinds the operator writes, and their REST plurals.
 PLURALS = {
@@ -62,27 +67,81 @@ def path(api_version: str, kind: str, namespace: str | None, name: str | None = 
     return "/".join(parts)
 
 
-def load_client() -> k8s.ApiClient:
+class HttpApi:
+    """The operator's HTTP client for the API server. `credentials` is called again
+    when the server answers 401: a rotated service account token is read anew."""
+
+    def __init__(self, credentials: Callable[[], kopf.ConnectionInfo],
+                 pool_size: int = POOL_SIZE) -> None:
+        self._credentials = credentials
+        self._pool_size = pool_size
+        self._lock = threading.Lock()
+        self._connect()
+
+    def _connect(self) -> None:
+        info = self._credentials()
+        # One kept-alive connection per handler thread (16) plus the resync and the
+        # publisher: fewer, and connections are dropped and re-handshaken under load.
+        options: dict[str, Any] = dict(maxsize=self._pool_size, retries=False,
+                                       ssl_context=info.as_ssl_context())
+        if info.insecure:
+            options["assert_hostname"] = False
+        pool: urllib3.PoolManager = (urllib3.ProxyManager(info.proxy_url, **options)
+                                     if info.proxy_url else urllib3.PoolManager(**options))
+        self._state = (pool, info.server.rstrip("/"), info.as_http_headers())
+
+    def send(self, method: str, url: str, query: list[tuple[str, str]], body: Any,
+             content_type: str, timeout: float) -> tuple[int, str, bytes]:
+        data = None if body is None else json.dumps(body).encode()
+        for attempt in (1, 2):
+            state = self._state
+            pool, server, auth = state
+            resp = pool.request(
+                method, server + url + (f"?{urlencode(query)}" if query else ""),
+                body=data, timeout=timeout, retries=False,
+                headers={**auth, "Content-Type": content_type, "Accept": "application/json"})
+            if resp.status == 401 and attempt == 1:
+                with self._lock:
+                    if self._state is state:  # not renewed by another thread meanwhile
+                        self._connect()
+                continue
+            break
+        return resp.status, resp.reason or "", resp.data
+
+
+class ClientLibraryApi:
+    """The same requests through a kubernetes-package ApiClient."""
+
+    def __init__(self, api_client: Any) -> None:
+        self.api_client = api_client
+
+    def send(self, method: str, url: str, query: list[tuple[str, str]], body: Any,
+             content_type: str, timeout: float) -> tuple[int, str, bytes]:
+        m, full_url, headers, data, _ = self.api_client.param_serialize(
+            method=method, resource_path=url, query_params=query,
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            body=body, auth_settings=["BearerToken"])
+        resp = self.api_client.call_api(m, full_url, header_params=headers, body=data,
+                                        _request_timeout=timeout)
+        resp.read()
+        return resp.status, str(resp.reason or ""), resp.data or b""
+
+
+def load_client() -> HttpApi:
     """$KUBECONFIG when set, else in-cluster credentials, else ~/.kube/config."""
-    configuration = k8s.Configuration()
-    if os.environ.get("KUBECONFIG"):
-        k8s_config.load_kube_config(client_configuration=configuration)
-    else:
-        try:
-            k8s_config.load_incluster_config(client_configuration=configuration)
-        except k8s_config.ConfigException:
-            k8s_config.load_kube_config(client_configuration=configuration)
-    # One kept-alive connection per handler thread (16) plus the resync and the probes:
-    # the default pool of 10 discards connections under load, and each new one costs a
-    # TLS handshake ("Connection pool is full" in the log at a cold start).
-    configuration.connection_pool_maxsize = POOL_SIZE
-    return k8s.ApiClient(configuration)
+    from .credentials import load
+
+    return HttpApi(load)
 
 
 @dataclass
 class Kube:
-    api: k8s.ApiClient
+    api: Any  # HttpApi, or a kubernetes ApiClient (wrapped in ClientLibraryApi)
     timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if hasattr(self.api, "param_serialize"):
+            self.api = ClientLibraryApi(self.api)
 
     def request(
         self,
@@ -92,25 +151,16 @@ class Kube:
         body: Any = None,
         content_type: str = "application/json",
     ) -> Any:
-        m, full_url, headers, data, _ = self.api.param_serialize(
-            method=method,
-            resource_path=url,
-            query_params=query or [],
-            header_params={"Content-Type": content_type, "Accept": "application/json"},
-            body=body,
-            auth_settings=["BearerToken"],
-        )
-        resp = self.api.call_api(m, full_url, header_params=headers, body=data,
-                                 _request_timeout=self.timeout)
-        resp.read()
+        status, reason, raw = self.api.send(method, url, query or [], body, content_type,
+                                            self.timeout)
         try:
-            payload = json.loads(resp.data) if resp.data else None
+            payload = json.loads(raw) if raw else None
         except ValueError:  # e.g. "404 page not found" for a resource not served yet
-            payload = resp.data.decode(errors="replace").strip()
-        if resp.status >= 400:
+            payload = raw.decode(errors="replace").strip()
+        if status >= 400:
             message = payload.get("message", "") if isinstance(payload, dict) else str(payload)
-            reason = payload.get("reason", "") if isinstance(payload, dict) else ""
-            raise KubeError(resp.status, reason or str(resp.reason), message)
+            why = payload.get("reason", "") if isinstance(payload, dict) else ""
+            raise KubeError(status, why or reason, message)
         return payload
 
     def apply(self, obj: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
