@@ -82,7 +82,9 @@ class HttpApi:
         info = self._credentials()
         # One kept-alive connection per handler thread (16) plus the resync and the
         # publisher: fewer, and connections are dropped and re-handshaken under load.
-        options: dict[str, Any] = dict(maxsize=self._pool_size, retries=False,
+        # urllib3's default retries (as with the kubernetes package): a connection the
+        # server closed is reopened; a POST or PATCH it may have read is not resent.
+        options: dict[str, Any] = dict(maxsize=self._pool_size,
                                        ssl_context=info.as_ssl_context())
         if info.insecure:
             options["assert_hostname"] = False
@@ -98,7 +100,7 @@ class HttpApi:
             pool, server, auth = state
             resp = pool.request(
                 method, server + url + (f"?{urlencode(query)}" if query else ""),
-                body=data, timeout=timeout, retries=False,
+                body=data, timeout=timeout,
                 headers={**auth, "Content-Type": content_type, "Accept": "application/json"})
             if resp.status == 401 and attempt == 1:
                 with self._lock:
