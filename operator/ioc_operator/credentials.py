@@ -34,9 +34,17 @@ class CredentialsError(Exception):
     """No usable credentials: says where it looked and what was wrong."""
 
 
-def _kubeconfig_paths() -> list[Path]:
-    value = os.environ.get("KUBECONFIG", "")
-    return [Path(p).expanduser() for p in value.split(os.pathsep) if p.strip()]
+DEFAULT_KUBECONFIG = "~/.kube/config"
+
+
+def _kubeconfigs() -> list[Path] | None:
+    """The kubeconfig files to read (not all need exist), or None: the service account."""
+    if os.environ.get("KUBECONFIG"):
+        value = os.environ["KUBECONFIG"]
+        return [Path(p).expanduser() for p in value.split(os.pathsep) if p.strip()]
+    if _in_cluster():
+        return None
+    return [Path(DEFAULT_KUBECONFIG).expanduser()]
 
 
 def _in_cluster() -> bool:
@@ -83,14 +91,10 @@ def _current(paths: list[Path]) -> tuple[dict[str, Any], dict[str, Any], dict[st
 def needs_client_library() -> bool:
     """Whether the credentials in use need the kubernetes package (exec or
     auth-provider users). A broken kubeconfig says no: `load` then reports it."""
-    if os.environ.get("KUBECONFIG"):
-        paths = _kubeconfig_paths()
-    elif _in_cluster():
-        return False
-    else:
-        paths = [Path("~/.kube/config").expanduser()]
+    paths = _kubeconfigs()
+    existing = [p for p in paths or [] if p.exists()]
     try:
-        _, _, user, _ = _current([p for p in paths if p.exists()] or paths)
+        _, _, user, _ = _current(existing)
     except CredentialsError:
         return False
     return any(user.get(k) for k in PLUGINS)
@@ -99,15 +103,17 @@ def needs_client_library() -> bool:
 def load(settings: kopf.OperatorSettings | None = None) -> kopf.ConnectionInfo:
     """Fresh credentials (a rotated service account token or tokenFile is read again)."""
     trust_env = settings.networking.trust_env if settings else False
-    if os.environ.get("KUBECONFIG"):
-        return _from_kubeconfig(_kubeconfig_paths(), trust_env, settings)
-    if _in_cluster():
+    paths = _kubeconfigs()
+    if paths is None:
         return _from_service_account(trust_env)
-    default = Path("~/.kube/config").expanduser()
-    if default.exists():
-        return _from_kubeconfig([default], trust_env, settings)
-    raise CredentialsError("no credentials: $KUBECONFIG is not set, this is not a pod "
-                           f"with a service account, and {default} does not exist")
+    existing = [p for p in paths if p.exists()]
+    if not existing and not os.environ.get("KUBECONFIG"):
+        raise CredentialsError("no credentials: $KUBECONFIG is not set, this is not a pod "
+                               f"with a service account, and {paths[0]} does not exist")
+    if not existing:
+        raise CredentialsError(f"kubeconfig {os.pathsep.join(map(str, paths))}: "
+                               "no such file")
+    return _from_kubeconfig(existing, trust_env, settings)
 
 
 def _from_service_account(trust_env: bool) -> kopf.ConnectionInfo:
@@ -131,11 +137,7 @@ def _from_kubeconfig(paths: list[Path], trust_env: bool,
                      settings: kopf.OperatorSettings | None) -> kopf.ConnectionInfo:
     import kopf
 
-    existing = [p for p in paths if p.exists()]
-    if not existing:
-        raise CredentialsError(f"kubeconfig {os.pathsep.join(map(str, paths))}: "
-                               "no such file")
-    context, cluster, user, dirs = _current(existing)
+    context, cluster, user, dirs = _current(paths)
     if any(user.get(k) for k in PLUGINS):
         return _via_client_library(settings)
     if not cluster.get("server"):

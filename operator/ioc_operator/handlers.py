@@ -86,8 +86,7 @@ PUBLISH_DUTY = 0.1
 
 
 @kopf.on.login()
-async def login(logger: Any, settings: kopf.OperatorSettings,
-                **kwargs: Any) -> kopf.AiohttpSession | None:
+async def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.AiohttpSession:
     """The operator's credentials (credentials.py), in a bounded session."""
     try:
         info = credentials.load(settings)
@@ -386,9 +385,8 @@ async def _in_thread(memo: kopf.Memo, fn: Any, *args: Any) -> Any:
 @kopf.on.event("", "v1", "configmaps", labels=MANAGED)
 @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED)
 async def owned_object_event(body: kopf.Body, event: kopf.RawEvent, memo: kopf.Memo,
-                             logger: Any, client_envs: kopf.Index, host_iocs: kopf.Index,
-                             ioc_prefixes: kopf.Index, ioc_states: kopf.Index,
-                             **_: Any) -> None:
+                             logger: Any, host_iocs: kopf.Index, ioc_prefixes: kopf.Index,
+                             ioc_states: kopf.Index, **_: Any) -> None:
     labels = body.get("metadata", {}).get("labels") or {}
     if labels.get("app.kubernetes.io/component") == DIRECTORY_COMPONENT:
         name = memo.config.directory_name
@@ -453,7 +451,7 @@ async def ioc_prefixes(body: kopf.Body, namespace: str, **_: Any) -> dict[str, A
 
 @kopf.index(GROUP, VERSION, PLURAL)
 async def client_envs(namespace: str, name: str, uid: str, status: kopf.Status,
-                **_: Any) -> dict[str, Any]:
+                      **_: Any) -> dict[str, Any]:
     """Each IOC's published client settings, by namespace."""
     return {namespace: (name, uid, dict(status.get("clientEnv") or {}))}
 
