@@ -5,10 +5,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: setup system-deps controlplane demo test unit lint bench bench-lab crd clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml testbed/pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' -e ./testbed
 	touch $@
 
 ## setup: virtual environment with the operator and its test dependencies
@@ -22,16 +22,16 @@ system-deps:
 
 ## controlplane: build (or reuse) etcd, kube-apiserver, ... and helm from the Go module proxy
 controlplane:
-	bash tests/controlplane/build.sh >/dev/null
-	bash tests/chart/build-helm.sh >/dev/null
+	bash testbed/ioc_testbed/kubernetes/build.sh >/dev/null
+	bash testbed/ioc_testbed/kubernetes/build-helm.sh >/dev/null
 
 ## demo: the examples on a throwaway control plane and broadcast-less lab (root for the lab)
 demo: setup system-deps
-	$(VENV)/bin/ioc-operator demo
+	$(VENV)/bin/ioc-testbed demo
 
 ## test: lint, then every test (unit, real control plane, network lab)
 test: setup system-deps controlplane
-	$(PY) -m ruff check operator tests
+	$(PY) -m ruff check operator testbed tests benchmarks
 	$(PY) -m pytest
 
 ## unit: the fast tests only (no Go, no root)
@@ -39,7 +39,7 @@ unit: setup
 	$(PY) -m pytest tests/unit
 
 lint: setup
-	$(PY) -m ruff check operator tests
+	$(PY) -m ruff check operator testbed tests benchmarks
 
 ## bench: operator benchmarks on a real control plane; writes docs/benchmarks.md
 bench: setup controlplane

@@ -41,9 +41,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ioc_operator.gateways.bridge_lab import pva_env, start_bridge, start_ioc
-from ioc_operator.lab import Lab, LabError, Pod
-from ioc_operator.lab.netns import listening_ports
+from ioc_testbed.bridge_lab import pva_env, start_bridge, start_ioc
+from ioc_testbed.lab import Lab, LabError, Pod
+from ioc_testbed.lab.netns import listening_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "ca-pva-bridge.md"

@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ioc_operator.lab import EpicsServer, Lab, LabError
-from ioc_operator.lab.netns import listening_ports
+from ioc_testbed.lab import EpicsServer, Lab, LabError
+from ioc_testbed.lab.netns import listening_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "ca-gateway.md"

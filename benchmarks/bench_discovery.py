@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the in-pod roles must start without the operator's imports
-    from ioc_operator.lab import Lab, Pod
-    from ioc_operator.lab.servers import EpicsServer
     from ioc_operator.render import Rendered, ResolvedPorts
+    from ioc_testbed.lab import Lab, Pod
+    from ioc_testbed.lab.servers import EpicsServer
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "discovery-benchmark.md"
@@ -387,8 +387,8 @@ def spawn_ioc(lab: Lab, rendered: Rendered, node: int, db: Path) -> EpicsServer:
     """Place one rendered IOC as the lab runner would, with our database: its pod, the
     IOC container's env exactly as rendered, `python -m pvxslibs.ioc` (rsrv + QSRV2).
     The lab runner's servers load a fixed 4-record database, hence this."""
-    from ioc_operator.lab.runner import container_env, server_kind
-    from ioc_operator.lab.servers import EpicsServer
+    from ioc_testbed.lab.runner import container_env, server_kind
+    from ioc_testbed.lab.servers import EpicsServer
 
     ioc = rendered.ioc
     if server_kind(ioc) != "softioc-pvxs":
@@ -423,8 +423,8 @@ def publish(lab: Lab, rendered: Rendered, server: EpicsServer, cluster_ip: str,
 def start_iocs(lab: Lab, args: argparse.Namespace) -> tuple[list[BenchIOC], ResolvedPorts]:
     """Render and start every IOC, a wave at a time so 2 cores are not swamped by
     interpreters starting at once; each wave is waited for (bounded) before the next."""
-    from ioc_operator.lab.runner import SERVICE_RANGE
     from ioc_operator.render import parse_ioc, render_all
+    from ioc_testbed.lab.runner import SERVICE_RANGE
 
     db = lab.tmpdir / "discovery.db"
     db.write_text(database(args.pvs_per_ioc))
@@ -930,8 +930,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def bench(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
     from ioc_operator.directory import directory_env
-    from ioc_operator.lab import Lab
-    from ioc_operator.lab.netns import cleanup_stale
+    from ioc_testbed.lab import Lab
+    from ioc_testbed.lab.netns import cleanup_stale
 
     cleanup_stale()
     info: dict[str, Any] = {"machine": machine(), "versions": versions(), "notes": [],

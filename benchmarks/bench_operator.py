@@ -23,9 +23,9 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
-from ioc_operator.controlplane import ControlPlane, ensure_binaries
 from ioc_operator.kube import Kube, KubeError
-from ioc_operator.operator_process import OperatorProcess
+from ioc_testbed.controlplane import ControlPlane, ensure_binaries
+from ioc_testbed.operator_process import OperatorProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 IOC_API = "epics-operator.io/v1alpha1"

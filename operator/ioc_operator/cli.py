@@ -104,12 +104,6 @@ def cmd_client_env(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run
-
-    return run(args.kubeconfig)
-
-
 def cmd_crd(_: argparse.Namespace) -> int:
     sys.stdout.write(crd_yaml())
     return 0
@@ -171,13 +165,6 @@ def parser() -> argparse.ArgumentParser:
                      help="shell: export lines (default); env: KEY=VALUE; phoebus: settings.ini")
     env.add_argument("--kubeconfig", help="kubeconfig file")
     env.set_defaults(func=cmd_client_env)
-
-    demo = sub.add_parser(
-        "demo", help="run the examples on a throwaway control plane and network lab, and "
-        "read and write their PVs with only the published settings")
-    demo.add_argument("--kubeconfig",
-                      help="use this cluster instead of a throwaway one (no network lab)")
-    demo.set_defaults(func=cmd_demo)
 
     crd = sub.add_parser("crd", help="print the IOC CustomResourceDefinition")
     crd.set_defaults(func=cmd_crd)

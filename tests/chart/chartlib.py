@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from ioc_operator.controlplane import ControlPlane, free_port
-from ioc_operator.operator_process import OperatorProcess
+from ioc_testbed.controlplane import ControlPlane, free_port
+from ioc_testbed.operator_process import OperatorProcess
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "ioc-operator"

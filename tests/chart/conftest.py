@@ -1,5 +1,5 @@
 """Fixtures for the Helm chart tests: Helm built from the Go module proxy, and a real
-control plane of our own (the machinery of ioc_operator.controlplane) whose API server
+control plane of our own (the machinery of ioc_testbed.controlplane) whose API server
 writes an audit log, so the tests see every request the chart's ServiceAccount makes,
 and enforces OwnerReferencesPermissionEnforcement, as many production clusters do."""
 
@@ -14,13 +14,14 @@ import pytest
 from chartlib import AUDIT_POLICY, CHART, Helm
 from kubernetes import client, config
 
-from ioc_operator.controlplane import (
+from ioc_operator.kube import Kube
+from ioc_testbed import resource
+from ioc_testbed.controlplane import (
     COLD_BUILD_HINT,
     ControlPlane,
     ControlPlaneError,
     ensure_binaries,
 )
-from ioc_operator.kube import Kube
 
 HERE = Path(__file__).resolve().parent
 HELM_BUILD_TIMEOUT = 1800.0
@@ -30,9 +31,9 @@ HELM_BUILD_TIMEOUT = 1800.0
 def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
     """Helm, built once by build-helm.sh (cached outside the repository)."""
     try:
-        done = subprocess.run(["bash", str(HERE / "build-helm.sh")], capture_output=True,
-                              text=True, timeout=HELM_BUILD_TIMEOUT, check=True,
-                              stdin=subprocess.DEVNULL)
+        done = subprocess.run(["bash", str(resource("kubernetes/build-helm.sh"))],
+                              capture_output=True, text=True, timeout=HELM_BUILD_TIMEOUT,
+                              check=True, stdin=subprocess.DEVNULL)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         stderr = getattr(exc, "stderr", "") or ""
         pytest.fail(f"build-helm.sh failed (needs Go and the module proxy): {exc}\n"

@@ -34,9 +34,9 @@ from chartlib import (
 )
 from kubernetes import client
 
-from ioc_operator.controlplane import ControlPlane
 from ioc_operator.kube import Kube, KubeError
 from ioc_operator.render import parse_ioc, render
+from ioc_testbed.controlplane import ControlPlane
 
 Triple = tuple[str, str, str]
 

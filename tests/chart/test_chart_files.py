@@ -19,6 +19,7 @@ from packaging.utils import canonicalize_name
 from ioc_operator.cli import parser
 from ioc_operator.config import DEFAULT_GATEWAY_IMAGE, OperatorConfig
 from ioc_operator.crd import crd_yaml
+from ioc_testbed import resource
 
 NAMESPACED = {"rbac": {"scope": "namespaced"}, "watchNamespaces": ["bl-12", "bl-13"],
               "directory": {"clusterNamespace": "epics-dir"}}
@@ -266,11 +267,12 @@ def test_kind_cluster_has_one_control_plane_and_two_workers():
     assert "broadcast" in (REPO / "kind" / "cluster.yaml").read_text()
 
 
-SCRIPTS = sorted([*(REPO / "kind").glob("*.sh"), *(REPO / "tests" / "chart").glob("*.sh")])
+SCRIPTS = sorted([*(REPO / "kind").glob("*.sh"), *resource("kubernetes").glob("*.sh")])
 
 
 def test_shellcheck():
-    assert {p.name for p in SCRIPTS} >= {"create.sh", "try.sh", "delete.sh", "build-helm.sh"}
+    assert {p.name for p in SCRIPTS} >= {"create.sh", "try.sh", "delete.sh", "build-helm.sh",
+                                        "build.sh"}
     done = run([shellcheck(), "--severity=style", *map(str, SCRIPTS)], check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     for script in SCRIPTS:
@@ -280,7 +282,7 @@ def test_shellcheck():
 
 
 def test_build_helm_pins_a_helm_v3(helm):
-    pinned_version = run(["bash", str(REPO / "tests" / "chart" / "build-helm.sh"),
+    pinned_version = run(["bash", str(resource("kubernetes/build-helm.sh")),
                           "--version"]).stdout.strip()
     assert re.fullmatch(r"v3\.\d+\.\d+", pinned_version)
     assert helm("version", "--template", "{{.Version}}").stdout.strip() == pinned_version

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from kubernetes import client, config
 
-from ioc_operator.controlplane import (
+from ioc_operator.kube import Kube
+from ioc_testbed.controlplane import (
     COLD_BUILD_HINT,
     ControlPlane,
     ControlPlaneError,
     ensure_binaries,
 )
-from ioc_operator.kube import Kube
 
 from support import Operator
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ioc_operator.operator_process import OperatorProcess
+from ioc_testbed.operator_process import OperatorProcess
 
 IOC_API = "epics-operator.io/v1alpha1"
 WAIT = 30.0

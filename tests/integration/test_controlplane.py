@@ -12,7 +12,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from ioc_operator.controlplane import ControlPlane, pinned_version
+from ioc_testbed.controlplane import ControlPlane, pinned_version
 
 T = TypeVar("T")
 

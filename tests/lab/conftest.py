@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from ioc_operator.lab import Lab
-from ioc_operator.lab.netns import cleanup_stale
+from ioc_testbed.lab import Lab
+from ioc_testbed.lab.netns import cleanup_stale
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

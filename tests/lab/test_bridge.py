@@ -21,15 +21,15 @@ from typing import Any
 import pytest
 from caproto import ChannelType
 
-from ioc_operator.gateways.bridge_lab import (
+from ioc_operator.gateways.bridge_nt import POSIX_TIME_AT_EPICS_EPOCH, NTSpec, alarm_fields
+from ioc_testbed.bridge_lab import (
     IOC_CA_PORT,
     probe,
     pva_env,
     start_bridge,
     start_ioc,
 )
-from ioc_operator.gateways.bridge_nt import POSIX_TIME_AT_EPICS_EPOCH, NTSpec, alarm_fields
-from ioc_operator.lab import Lab, Pod, run_client
+from ioc_testbed.lab import Lab, Pod, run_client
 
 IOC_NODE, CLIENT_NODE = 0, 1
 NTSCALAR, NTARRAY, NTENUM = ("epics:nt/NTScalar:1.0", "epics:nt/NTScalarArray:1.0",

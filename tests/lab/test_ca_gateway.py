@@ -25,8 +25,8 @@ import pytest
 
 from ioc_operator.gateways.ca_gateway import parse_args
 from ioc_operator.gateways.ca_pvlist import PVList, PVListError, parse_pvlist
-from ioc_operator.lab import EpicsServer, Lab, LabError, Pod, run_client, start_server
-from ioc_operator.lab.netns import listening_ports
+from ioc_testbed.lab import EpicsServer, Lab, LabError, Pod, run_client, start_server
+from ioc_testbed.lab.netns import listening_ports
 
 IOC_NODE, CLIENT_NODE = 0, 1
 GW_PORT, GW2_PORT, IOC_PORT = 5064, 5070, 15064

@@ -1,4 +1,4 @@
-"""The README's first command works: `ioc-operator demo` passes, every IOC reachable."""
+"""The README's first command works: `ioc-testbed demo` passes, every IOC reachable."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 
 def test_demo_reaches_every_example_ioc():
-    proc = subprocess.run([sys.executable, "-m", "ioc_operator.cli", "demo"],
+    proc = subprocess.run([sys.executable, "-m", "ioc_testbed.cli", "demo"],
                           capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     print(proc.stdout[-4000:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -17,10 +17,10 @@ import pytest
 
 from ioc_operator.directory import directory_env
 from ioc_operator.errors import IOCValidationError
-from ioc_operator.lab import Lab
-from ioc_operator.lab.clients import ClientCall, run_clients
-from ioc_operator.lab.runner import LabRunner, RunningIOC
 from ioc_operator.render import parse_ioc, render_all
+from ioc_testbed.lab import Lab
+from ioc_testbed.lab.clients import ClientCall, run_clients
+from ioc_testbed.lab.runner import LabRunner, RunningIOC
 
 SERVERS = {
     "softioc-pvxs": {"ca": {"implementation": "rsrv"}, "pva": {"implementation": "pvxs"}},

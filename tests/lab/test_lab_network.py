@@ -16,10 +16,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from ioc_operator.lab import Lab, LabError
-from ioc_operator.lab.clients import ClientCall, ClientResult, run_client, run_clients
-from ioc_operator.lab.netns import LAB_RANGE, LINK_LOCAL_GW, Pod, _list_netns, _pid_alive, run
-from ioc_operator.lab.servers import KINDS, EpicsServer, start_server
+from ioc_testbed.lab import Lab, LabError
+from ioc_testbed.lab.clients import ClientCall, ClientResult, run_client, run_clients
+from ioc_testbed.lab.netns import LAB_RANGE, LINK_LOCAL_GW, Pod, _list_netns, _pid_alive, run
+from ioc_testbed.lab.servers import KINDS, EpicsServer, start_server
 
 CA_ONLY = {"EPICS_CA_AUTO_ADDR_LIST": "NO"}
 PVA_ONLY = {"EPICS_PVA_AUTO_ADDR_LIST": "NO"}
@@ -338,8 +338,8 @@ def test_teardown_on_signal(sig: signal.Signals) -> None:
     """A process holding a lab is interrupted: its namespaces and servers are removed."""
     script = (
         "import sys, time\n"
-        "from ioc_operator.lab import Lab\n"
-        "from ioc_operator.lab.servers import start_server\n"
+        "from ioc_testbed.lab import Lab\n"
+        "from ioc_testbed.lab.servers import start_server\n"
         "with Lab(nodes=1) as lab:\n"
         "    s = start_server(lab, lab.add_pod(0), 'caproto', 'SIG:')\n"
         "    print(' '.join(lab.netns), s.pid, flush=True)\n"

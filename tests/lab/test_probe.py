@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from ioc_operator.lab.runner import LabRunner
 from ioc_operator.render import parse_ioc, render_all
+from ioc_testbed.lab.runner import LabRunner
 
 
 def test_probe_reads_ca_and_pva_with_published_settings(lab):

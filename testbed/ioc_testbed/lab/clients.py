@@ -1,6 +1,6 @@
 """Run EPICS clients inside lab namespaces with only the given environment.
 
-Each call runs ``python -m ioc_operator.lab.client`` via ``ip netns exec`` with a clean
+Each call runs ``python -m ioc_testbed.lab.client`` via ``ip netns exec`` with a clean
 environment (PATH, HOME, LANG plus the caller's EPICS_* settings) and parses its JSON line.
 Every call is bounded: the client has its own watchdog and the runner a hard timeout.
 """
@@ -77,7 +77,7 @@ def run_client(
     argv = [
         sys.executable,
         "-m",
-        "ioc_operator.lab.client",
+        "ioc_testbed.lab.client",
         "--lib",
         lib,
         "--op",

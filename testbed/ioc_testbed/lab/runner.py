@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..clientenv import for_ioc
-from ..models import IOC, CAImplementation, PVAImplementation
-from ..render import Rendered
+from ioc_operator.clientenv import for_ioc
+from ioc_operator.models import IOC, CAImplementation, PVAImplementation
+from ioc_operator.render import Rendered
+
 from .netns import Lab, LabError, Node, Pod, listening_ports
 from .servers import EpicsServer, start_server
 

@@ -3,8 +3,8 @@
 etcd, kube-apiserver, kube-controller-manager and (optionally) kube-scheduler run as
 child processes of this Python process, with a throw-away PKI made with `cryptography`.
 The binaries come from ``KUBEBUILDER_ASSETS`` and/or the cache that
-``tests/controlplane/build.sh`` fills from the Go module proxy (see `ensure_binaries`).
-There is no kubelet: pods are created and scheduled but never run.
+``kubernetes/build.sh`` (in this package) fills from the Go module proxy (see
+`ensure_binaries`). Pods run only where a `node.Node` joins the cluster.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from . import resource
+
 __all__ = [
     "BINARIES",
     "SERVICE_CIDR",
@@ -47,7 +49,8 @@ __all__ = [
     "pinned_version",
 ]
 
-BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl",
+            "kubelet", "kube-proxy")
 SERVICE_CIDR = "198.19.0.0/16"  # inside the lab's 198.18.0.0/15
 FIRST_SERVICE_IP = "198.19.0.1"
 LOOPBACK = "127.0.0.1"
@@ -73,19 +76,15 @@ class ControlPlaneError(RuntimeError):
 # --------------------------------------------------------------------------- binaries
 
 
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
-
-
 def build_script() -> Path | None:
-    """Path of ``tests/controlplane/build.sh`` (``IOC_OPERATOR_BUILD_SCRIPT`` overrides)."""
+    """Path of ``kubernetes/build.sh`` (``IOC_OPERATOR_BUILD_SCRIPT`` overrides)."""
     override = os.environ.get("IOC_OPERATOR_BUILD_SCRIPT")
-    path = Path(override) if override else _repo_root() / "tests" / "controlplane" / "build.sh"
+    path = Path(override) if override else resource("kubernetes/build.sh")
     return path if path.is_file() else None
 
 
 def pinned_version() -> str | None:
-    """The Kubernetes version pinned in ``tests/controlplane/go.mod``, if available."""
+    """The Kubernetes version pinned in ``kubernetes/go.mod``, if available."""
     script = build_script()
     gomod = script.parent / "go.mod" if script else None
     if gomod is None or not gomod.is_file():
@@ -145,7 +144,7 @@ def ensure_binaries(*, build: bool = True, timeout: float = 3 * 3600) -> Path:
             return candidate
     raise ControlPlaneError(
         f"no directory with {', '.join(BINARIES)}: set KUBEBUILDER_ASSETS or run "
-        f"tests/controlplane/build.sh ({COLD_BUILD_HINT})"
+        f"{resource('kubernetes/build.sh')} ({COLD_BUILD_HINT})"
     )
 
 

@@ -17,7 +17,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 readonly here
-readonly binaries=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd)
+readonly binaries=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy etcd)
 readonly lock_timeout_s=5400
 t0=$(date +%s)
 

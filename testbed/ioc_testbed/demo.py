@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from . import GROUP, VERSION
-from .kube import Kube, KubeError
+from ioc_operator import GROUP, VERSION
+from ioc_operator.kube import Kube, KubeError
 
 IOC_API = f"{GROUP}/{VERSION}"
 NAMESPACE = "epics-demo"
@@ -57,19 +57,15 @@ def wait_for(what: str, probe: Any, timeout: float = WAIT) -> Any:
     raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def examples_dir() -> Path:
-    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        if (base / "examples").is_dir():
-            return base / "examples"
-    raise DemoError("no examples/ directory: run the demo from the repository")
-
-
-def demo_manifests(lab_node: str | None) -> list[dict[str, Any]]:
+def demo_manifests(examples: Path, lab_node: str | None) -> list[dict[str, Any]]:
     """The examples, in the demo namespace; host-mode ones pinned to one lab node (so
     two share it). Probes are dropped: the operator runs outside the lab, and must not
     send probe packets out of this machine."""
     docs = []
-    for path in sorted(examples_dir().glob("*.yaml")):
+    if not examples.is_dir():
+        raise DemoError(f"no directory {examples}: run the demo from the repository, "
+                        "or name the examples with --examples")
+    for path in sorted(examples.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if not doc or doc.get("kind") != "IOC":
                 continue
@@ -97,8 +93,9 @@ class Row:
 
 
 class Demo:
-    def __init__(self, kubeconfig: str | None, use_lab: bool) -> None:
+    def __init__(self, kubeconfig: str | None, use_lab: bool, examples: Path) -> None:
         self.kubeconfig = kubeconfig
+        self.examples = examples
         self.use_lab = use_lab
         self.stack = contextlib.ExitStack()
         self.kube: Kube | None = None
@@ -131,7 +128,7 @@ class Demo:
         return self.kube
 
     def install_crd(self, kube: Kube) -> None:
-        from .crd import crd
+        from ioc_operator.crd import crd
 
         say("installing the IOC CustomResourceDefinition")
         body = crd()
@@ -159,7 +156,7 @@ class Demo:
         self.stack.callback(operator.stop)
 
     def apply_examples(self, kube: Kube, lab_node: str | None) -> list[dict[str, Any]]:
-        docs = demo_manifests(lab_node)
+        docs = demo_manifests(self.examples, lab_node)
         say("applying the examples", ", ".join(d["metadata"]["name"] for d in docs))
         with contextlib.suppress(KubeError):
             kube.create({"apiVersion": "v1", "kind": "Namespace",
@@ -188,10 +185,11 @@ class Demo:
 
     # --- the lab --------------------------------------------------------------
     def run_lab(self, kube: Kube, iocs: list[dict[str, Any]], lab: Any) -> list[Row]:
+        from ioc_operator.render import Rendered, parse_ioc
+        from ioc_operator.render.ports import ResolvedPorts
+
         from .lab.clients import ClientCall, run_clients
         from .lab.runner import LabRunner, server_kind
-        from .render import Rendered, parse_ioc
-        from .render.ports import ResolvedPorts
 
         runner = LabRunner(lab)
         rows: list[Row] = []
@@ -309,7 +307,7 @@ def _interrupt(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run(kubeconfig: str | None = None) -> int:
+def run(kubeconfig: str | None = None, examples: Path = Path("examples")) -> int:
     start = time.monotonic()
     # A closed terminal or `kill` unwinds like Ctrl-C: lab, operator, control plane.
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -318,7 +316,7 @@ def run(kubeconfig: str | None = None) -> int:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     why_not = None if kubeconfig is None else "the lab only runs with the demo's own cluster"
     why_not = why_not or can_use_lab()
-    demo = Demo(kubeconfig, use_lab=why_not is None)
+    demo = Demo(kubeconfig, use_lab=why_not is None, examples=examples)
     log_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"ioc-operator-demo-{os.getpid()}"
     log_dir.mkdir(parents=True, exist_ok=True)
     ok = True

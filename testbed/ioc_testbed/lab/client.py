@@ -1,8 +1,8 @@
 """One bounded EPICS client operation; prints one JSON line. Run inside a lab namespace.
 
-    python -m ioc_operator.lab.client --lib pyepics --op get --pv P:value [--pv P:wave]
-    python -m ioc_operator.lab.client --lib p4p --op put --pv P:value --value 2.5
-    python -m ioc_operator.lab.client --lib caproto --op monitor --pv P:counter --updates 2
+    python -m ioc_testbed.lab.client --lib pyepics --op get --pv P:value [--pv P:wave]
+    python -m ioc_testbed.lab.client --lib p4p --op put --pv P:value --value 2.5
+    python -m ioc_testbed.lab.client --lib caproto --op monitor --pv P:counter --updates 2
 
 Libraries: ``pyepics`` (libca bundled with pyepics), ``pyepics-base7`` (pyepics on the libca
 of epicscorelibs), ``caproto`` (threading client), ``p4p`` (PVXS). The client reads its

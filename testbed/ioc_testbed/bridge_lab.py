@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..lab.netns import Lab, LabError, Pod, listening_ports
+from .lab.netns import Lab, LabError, Pod, listening_ports
 
 __all__ = [
     "CAPROTO_IOC",
