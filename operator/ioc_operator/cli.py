@@ -19,7 +19,12 @@ from .errors import IOCValidationError
 
 
 class _Dumper(yaml.SafeDumper):
-    """Multi-line strings (the gateway config) as literal blocks, like kubectl."""
+    """Multi-line strings (the gateway config) as literal blocks, like kubectl. No
+    anchors and aliases (`&id001` / `*id001` where the renderer shares an object, e.g.
+    the sidecars' POD_IP env entry): GitOps tools and people read plain YAML."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _str(dumper: yaml.SafeDumper, data: str) -> yaml.Node:

@@ -126,3 +126,14 @@ def test_render_refuses_explicit_port_clash(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("spec.network.ports") == 1
     assert "IOC default/b" in err and "older IOC(s) default/a" in err
+
+
+def test_render_and_crd_emit_no_yaml_anchors_or_aliases(capsys):
+    """The sidecars share one POD_IP env entry object; plain YAML repeats it."""
+    assert main(["render", *[a for e in EXAMPLES for a in ("-f", str(e))]]) == 0
+    out = capsys.readouterr().out
+    assert "POD_IP" in out
+    for text in (out, crd_yaml()):
+        events = list(yaml.parse(text))
+        assert not [e for e in events if isinstance(e, yaml.AliasEvent)]
+        assert not [e for e in events if getattr(e, "anchor", None)]
