@@ -33,6 +33,11 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     && rm /tmp/requirements.txt \
     && ioc-operator --help >/dev/null
 # Non-root, as the chart's securityContext requires (runAsNonRoot, readOnlyRootFilesystem).
+# A passwd entry for the non-root uid: kopf's peering id and caproto's CA client name
+# come from getpass.getuser(), which fails for a uid that has none.
+RUN groupadd --system --gid 65532 ioc \
+    && useradd --system --uid 65532 --gid 65532 --home-dir /tmp --no-create-home \
+       --shell /usr/sbin/nologin ioc
 USER 65532:65532
 ENTRYPOINT ["ioc-operator"]
 CMD ["run"]

@@ -96,7 +96,7 @@ def pinned_version() -> str | None:
     return None
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
     if root := os.environ.get("IOC_OPERATOR_CACHE"):
         return Path(root)
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -137,8 +137,8 @@ def ensure_binaries(*, build: bool = True, timeout: float = 3 * 3600) -> Path:
         candidates.append(Path(assets))
     version = pinned_version()
     if version:
-        candidates.append(_cache_root() / f"kubernetes-{version}" / "bin")
-    candidates += sorted(_cache_root().glob("kubernetes-v*/bin"), reverse=True)
+        candidates.append(cache_root() / f"kubernetes-{version}" / "bin")
+    candidates += sorted(cache_root().glob("kubernetes-v*/bin"), reverse=True)
     for candidate in candidates:
         if _complete(candidate):
             return candidate
@@ -223,18 +223,21 @@ class Pki:
     scheduler: _Pair
     front_proxy_ca: _Pair
     front_proxy_client: _Pair
+    kubelet_client: _Pair
     sa_private: Path
     sa_public: Path
 
     @classmethod
-    def create(cls, directory: Path) -> Pki:
-        """Generate CA, serving and client certificates and the service-account keys."""
+    def create(cls, directory: Path, addresses: Sequence[str] = ()) -> Pki:
+        """Generate CA, serving and client certificates and the service-account keys.
+        `addresses`: more IPs the API server is reached at (its serving certificate)."""
         directory.mkdir(parents=True, exist_ok=True)
         ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_cert = _issue(_name("ioc-operator-test-ca"), ca_key, None)
         ca = cls._save(directory, "ca", ca_cert, ca_key)
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in SERVING_DNS_NAMES]
-        sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in (LOOPBACK, FIRST_SERVICE_IP)]
+        sans += [x509.IPAddress(ipaddress.ip_address(ip))
+                 for ip in dict.fromkeys((LOOPBACK, FIRST_SERVICE_IP, *addresses))]
 
         def leaf(stem: str, subject: x509.Name, *usages: x509.ObjectIdentifier) -> _Pair:
             key = ec.generate_private_key(ec.SECP256R1())
@@ -265,9 +268,23 @@ class Pki:
             scheduler=leaf("scheduler", _name("system:kube-scheduler"), client),
             front_proxy_ca=cls._save(directory, "front-proxy-ca", fp_cert, fp_key),
             front_proxy_client=cls._save(directory, "front-proxy-client", fp_client, fp_client_key),
+            # The API server's identity towards kubelets (logs, attach, exec).
+            kubelet_client=leaf("apiserver-kubelet-client",
+                                _name("kube-apiserver-kubelet-client", ["system:masters"]),
+                                client),
             sa_private=_write(directory / "sa.key", _key_pem(sa_key), private=True),
             sa_public=_write(directory / "sa.pub", sa_pub),
         )
+
+    def issue_client(self, stem: str, common_name: str, orgs: Sequence[str] = ()) -> _Pair:
+        """One more client certificate from this PKI's CA (a node's kubelet, kube-proxy)."""
+        ca_cert = x509.load_pem_x509_certificate(self.ca.cert.read_bytes())
+        ca_key = serialization.load_pem_private_key(self.ca.key.read_bytes(), None)
+        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _issue(_name(common_name, orgs), key, (ca_cert, ca_key),
+                      usages=[ExtendedKeyUsageOID.CLIENT_AUTH])
+        return self._save(self.directory, stem, cert, key)
 
     @staticmethod
     def _save(
@@ -321,8 +338,8 @@ def _ephemeral_floor() -> int:
         return 32768
 
 
-def free_port(exclude: Iterable[int] = ()) -> int:
-    """A free TCP port on 127.0.0.1, below the ephemeral range when possible.
+def free_port(exclude: Iterable[int] = (), address: str = LOOPBACK) -> int:
+    """A free TCP port on `address`, below the ephemeral range when possible.
 
     Ports outside the ephemeral range are not handed out to outgoing connections, so a
     stopped apiserver can get its port back on restart.
@@ -337,13 +354,13 @@ def free_port(exclude: Iterable[int] = ()) -> int:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                sock.bind((LOOPBACK, port))
+                sock.bind((address, port))
             except OSError:
                 continue
             chosen = sock.getsockname()[1]
         if chosen not in taken:
             return chosen
-    raise ControlPlaneError("no free port on 127.0.0.1 after 200 attempts")
+    raise ControlPlaneError(f"no free port on {address} after 200 attempts")
 
 
 def _parent_death_signal() -> None:  # pragma: no cover - runs in the child
@@ -356,7 +373,7 @@ def _parent_death_signal() -> None:  # pragma: no cover - runs in the child
         pass
 
 
-def _polls(timeout: float, interval: float = 0.25) -> Iterator[int]:
+def polls(timeout: float, interval: float = 0.25) -> Iterator[int]:
     """Yield attempt numbers, sleeping `interval` between; bounded in time and count."""
     deadline = time.monotonic() + timeout
     for attempt in range(int(timeout / interval) + 1):
@@ -373,7 +390,7 @@ def _loopback_opener(context: ssl.SSLContext) -> urllib.request.OpenerDirector:
     )
 
 
-def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
     try:
         text = path.read_text(errors="replace").splitlines()
     except OSError:
@@ -382,7 +399,7 @@ def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
 
 
 @dataclass
-class _Process:
+class ChildProcess:
     """One control-plane component: fixed argv, log file, optional running Popen."""
 
     name: str
@@ -430,7 +447,7 @@ class _Process:
         if self.popen is not None:
             code = self.popen.poll()
             state = f"pid {self.popen.pid} " + ("running" if code is None else f"exited {code}")
-        return f"--- {self.name} ({state}), {self.log_path}:\n{_tail(self.log_path)}"
+        return f"--- {self.name} ({state}), {self.log_path}:\n{log_tail(self.log_path)}"
 
 
 # --------------------------------------------------------------------- control plane
@@ -454,7 +471,12 @@ class ControlPlane:
         ready_timeout: float = 90.0,
         verbosity: int = 1,
         extra_args: dict[str, Sequence[str]] | None = None,
+        address: str = LOOPBACK,
     ) -> None:
+        """`address`: where the API server listens and what it advertises. Loopback
+        unless nodes join: then an address their pods reach (the `kubernetes` Service's
+        endpoint), and the API server keeps that endpoint with a lease."""
+        self.address = address
         self.bin_dir = bin_dir
         self.with_scheduler = scheduler
         self.keep_logs = keep_logs
@@ -465,7 +487,7 @@ class ControlPlane:
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="ioc-controlplane-"))
         self.pki: Pki | None = None
         self.ports: dict[str, int] = {}
-        self._procs: dict[str, _Process] = {}
+        self._procs: dict[str, ChildProcess] = {}
         self._started = False
         self._stopped = False
 
@@ -474,7 +496,7 @@ class ControlPlane:
     @property
     def server(self) -> str:
         """HTTPS URL of the apiserver."""
-        return f"https://{LOOPBACK}:{self.ports['apiserver']}"
+        return f"https://{self.address}:{self.ports['apiserver']}"
 
     @property
     def kubeconfig(self) -> Path:
@@ -533,6 +555,13 @@ class ControlPlane:
         else:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def stop_controllers(self) -> None:
+        """Stop kube-controller-manager and kube-scheduler (a teardown that deletes pods
+        must not have them re-created)."""
+        for name in ("kube-scheduler", "kube-controller-manager"):
+            if name in self._procs:
+                self._procs[name].stop()
+
     def stop_apiserver(self) -> None:
         """Stop only kube-apiserver (fault tests); `start_apiserver` brings it back."""
         self._procs["kube-apiserver"].stop()
@@ -566,7 +595,7 @@ class ControlPlane:
         """Poll the apiserver's /readyz until it answers `ok`; fail with the log tails."""
         timeout = timeout or self.ready_timeout
         last = "no answer yet"
-        for _ in _polls(timeout):
+        for _ in polls(timeout):
             for name in ("etcd", "kube-apiserver"):
                 if not self._procs[name].running:
                     self._fail(f"{name} exited while waiting for /readyz")
@@ -608,7 +637,7 @@ class ControlPlane:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         opener = _loopback_opener(context)
-        for _ in _polls(timeout):
+        for _ in polls(timeout):
             if not self._procs[name].running:
                 self._fail(f"{name} exited during start-up")
             try:
@@ -622,7 +651,7 @@ class ControlPlane:
 
     def _wait_default_service_account(self, timeout: float = 60.0) -> None:
         """The serviceaccount controller is up once `default/default` exists."""
-        for _ in _polls(timeout):
+        for _ in polls(timeout):
             try:
                 status, _ = self.request("/api/v1/namespaces/default/serviceaccounts/default")
             except (OSError, urllib.error.URLError):
@@ -686,9 +715,10 @@ class ControlPlane:
     def _prepare(self) -> None:
         """Create PKI, kubeconfigs, ports and the process definitions."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.pki = pki = Pki.create(self.workdir / "pki")
-        for name in ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler"):
+        self.pki = pki = Pki.create(self.workdir / "pki", [self.address])
+        for name in ("etcd", "etcd-peer", "kcm", "scheduler"):
             self.ports[name] = free_port(self.ports.values())
+        self.ports["apiserver"] = free_port(self.ports.values(), self.address)
         write_kubeconfig(self.kubeconfig, self.server, pki.ca.cert, pki.admin, "admin")
         kcm_kubeconfig = write_kubeconfig(
             self.workdir / "kcm.kubeconfig",
@@ -714,7 +744,7 @@ class ControlPlane:
         assert self.bin_dir is not None
         for name, args in argvs.items():
             argv = [str(self.bin_dir / name), *args, *self.extra_args.get(name, ())]
-            self._procs[name] = _Process(name, argv, self.log_dir / f"{name}.log")
+            self._procs[name] = ChildProcess(name, argv, self.log_dir / f"{name}.log")
 
     def _etcd_args(self) -> list[str]:
         client = f"http://{LOOPBACK}:{self.ports['etcd']}"
@@ -734,8 +764,8 @@ class ControlPlane:
     def _apiserver_args(self, pki: Pki) -> list[str]:
         return [
             f"--etcd-servers=http://{LOOPBACK}:{self.ports['etcd']}",
-            f"--bind-address={LOOPBACK}",
-            f"--advertise-address={LOOPBACK}",
+            f"--bind-address={self.address}",
+            f"--advertise-address={self.address}",
             f"--secure-port={self.ports['apiserver']}",
             f"--cert-dir={self.workdir / 'apiserver-certs'}",
             f"--tls-cert-file={pki.serving.cert}",
@@ -756,7 +786,13 @@ class ControlPlane:
             "--enable-admission-plugins=NodeRestriction",
             "--allow-privileged=true",
             "--profiling=false",
-            "--endpoint-reconciler-type=none",
+            # Pods reach the API server through the `kubernetes` Service only when it
+            # has an endpoint; without nodes there are no pods, and loopback is no endpoint.
+            f"--endpoint-reconciler-type={'none' if self.address == LOOPBACK else 'lease'}",
+            # Node names are not in any DNS here: logs and attach go to the node's IP.
+            "--kubelet-preferred-address-types=InternalIP",
+            f"--kubelet-client-certificate={pki.kubelet_client.cert}",
+            f"--kubelet-client-key={pki.kubelet_client.key}",
             "--shutdown-watch-termination-grace-period=5s",  # else watches block a stop
             f"--v={self.verbosity}",
         ]

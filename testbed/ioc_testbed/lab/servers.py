@@ -21,151 +21,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import resource
 from .netns import Lab, LabError, Node, Pod, listening_ports
 
 __all__ = ["KINDS", "PV_NAMES", "EpicsServer", "describe", "start_server"]
 
 PV_NAMES = ("value", "counter", "mode", "wave")
 
-SOFTIOC_DB = """\
-record(ao, "$(P)value") {
-    field(VAL, "1.5")
-    field(PREC, "3")
-    field(PINI, "YES")
-}
-record(calc, "$(P)counter") {
-    field(SCAN, ".2 second")
-    field(INPA, "$(P)counter NPP")
-    field(CALC, "A+1")
-}
-record(mbbo, "$(P)mode") {
-    field(ZRST, "Off")
-    field(ONST, "On")
-    field(TWST, "Auto")
-    field(VAL, "0")
-    field(PINI, "YES")
-}
-record(waveform, "$(P)wave") {
-    field(FTVL, "DOUBLE")
-    field(NELM, "8")
-    field(INP, [0, 1, 2, 3, 4, 5, 6, 7])
-    field(PINI, "YES")
-}
-"""
-
-CAPROTO_IOC = '''\
-"""caproto asyncio IOC for the lab (CA only)."""
-import sys
-
-from caproto import ChannelType
-from caproto.server import PVGroup, pvproperty, run
-
-
-class LabIOC(PVGroup):
-    value = pvproperty(value=1.5, dtype=float, precision=3)
-    counter = pvproperty(value=0, dtype=int, read_only=True)
-    mode = pvproperty(value="Off", dtype=ChannelType.ENUM, enum_strings=["Off", "On", "Auto"])
-    wave = pvproperty(value=[float(i) for i in range(8)], dtype=float, max_length=8)
-
-    @counter.scan(period=0.2)
-    async def counter(self, instance, async_lib):
-        await instance.write(instance.value + 1)
-
-
-if __name__ == "__main__":
-    ioc = LabIOC(prefix=sys.argv[1])
-    print("caproto IOC serving", sorted(ioc.pvdb), flush=True)
-    run(ioc.pvdb)
-'''
-
-PCASPY_IOC = '''\
-"""pcaspy (CAS) server for the lab (CA only)."""
-import sys
-import time
-
-from pcaspy import Driver, SimpleServer
-
-PVDB = {
-    "value": {"type": "float", "prec": 3, "value": 1.5},
-    "counter": {"type": "int", "value": 0},
-    "mode": {"type": "enum", "enums": ["Off", "On", "Auto"], "value": 0},
-    "wave": {"type": "float", "count": 8, "value": [float(i) for i in range(8)]},
-}
-
-
-class LabDriver(Driver):
-    def write(self, reason, value):
-        if reason == "counter":
-            return False
-        self.setParam(reason, value)
-        self.updatePVs()
-        return True
-
-
-if __name__ == "__main__":
-    server = SimpleServer()
-    server.createPV(sys.argv[1], PVDB)
-    driver = LabDriver()
-    print("pcaspy server running", flush=True)
-    count, next_tick = 0, time.monotonic()
-    while True:
-        server.process(0.05)
-        if time.monotonic() >= next_tick:
-            next_tick += 0.2
-            count += 1
-            driver.setParam("counter", count)
-            driver.updatePVs()
-'''
-
-P4P_IOC = '''\
-"""p4p (PVXS) server for the lab (PVA only)."""
-import sys
-import time
-
-from p4p.nt import NTEnum, NTScalar
-from p4p.server import Server
-from p4p.server.thread import SharedPV
-
-
-class Writable:
-    def put(self, pv, op):
-        pv.post(op.value())
-        op.done()
-
-
-prefix = sys.argv[1]
-pvs = {
-    prefix + "value": SharedPV(nt=NTScalar("d"), initial=1.5, handler=Writable()),
-    prefix + "counter": SharedPV(nt=NTScalar("i"), initial=0),
-    prefix + "mode": SharedPV(
-        nt=NTEnum(), initial={"index": 0, "choices": ["Off", "On", "Auto"]}, handler=Writable()
-    ),
-    prefix + "wave": SharedPV(nt=NTScalar("ad"), initial=[float(i) for i in range(8)]),
-}
-with Server(providers=[pvs]):
-    print("p4p server running", flush=True)
-    count = 0
-    while True:
-        time.sleep(0.2)
-        count += 1
-        pvs[prefix + "counter"].post(count)
-'''
+IOCS = resource("iocs")  # the example IOC image runs the same files (docker/)
 
 
 @dataclass(frozen=True)
 class _Kind:
     protocols: tuple[str, ...]
-    module: str | None = None  # python -m <module> -m P=<prefix> -d <db>
-    script: str | None = None  # python <script> <prefix>
+    module: str | None = None  # python -m <module> -m P=<prefix> -d iocs/example.db
+    script: str | None = None  # python iocs/<script> <prefix>
     keep_stdin: bool = False  # the soft IOC's Python shell exits when stdin closes
 
 
 KINDS: dict[str, _Kind] = {
     "softioc-classic": _Kind(("ca", "pva"), module="epicscorelibs.ioc", keep_stdin=True),
     "softioc-pvxs": _Kind(("ca", "pva"), module="pvxslibs.ioc", keep_stdin=True),
-    "caproto": _Kind(("ca",), script=CAPROTO_IOC),
-    "p4p": _Kind(("pva",), script=P4P_IOC),
-    "pcaspy": _Kind(("ca",), script=PCASPY_IOC),
+    "caproto": _Kind(("ca",), script="caproto_ioc.py"),
+    "p4p": _Kind(("pva",), script="p4p_ioc.py"),
+    "pcaspy": _Kind(("ca",), script="pcaspy_ioc.py"),
 }
 
 
@@ -251,20 +130,13 @@ def start_server(
     except KeyError:
         raise LabError(f"unknown server kind {kind!r}; choose from {sorted(KINDS)}") from None
     ns = where if isinstance(where, str) else where.ns
-    workdir = lab.tmpdir / "servers"
-    workdir.mkdir(exist_ok=True)
     tag = f"{kind}-{len(lab.processes)}"
     argv: list[str]
     if spec.module is not None:
-        db = workdir / "lab.db"
-        if not db.exists():
-            db.write_text(SOFTIOC_DB)
-        argv = [sys.executable, "-m", spec.module, "-m", f"P={prefix}", "-d", str(db)]
+        argv = [sys.executable, "-m", spec.module, "-m", f"P={prefix}",
+                "-d", str(IOCS / "example.db")]
     else:
-        script = workdir / f"{kind.replace('-', '_')}_ioc.py"
-        if not script.exists():
-            script.write_text(spec.script or "")
-        argv = [sys.executable, str(script), prefix]
+        argv = [sys.executable, str(IOCS / (spec.script or "")), prefix]
     full_env = dict(env or {})
     popen = lab.spawn(
         ns,
