@@ -8,15 +8,12 @@ import json
 import os
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from ioc_testbed.controlplane import ControlPlane, free_port
 from ioc_testbed.operator_process import OperatorProcess
@@ -25,19 +22,6 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "ioc-operator"
 IOC_API = "epics-operator.io/v1alpha1"
 WAIT = 45.0
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = WAIT,
-             interval: float = 0.1) -> Any:
-    """Poll until probe() is truthy; bounded in time (and so in count)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
 
 
 def run(argv: list[str], *, timeout: float = 120.0, input: str | None = None,
@@ -51,40 +35,6 @@ def run(argv: list[str], *, timeout: float = 120.0, input: str | None = None,
 
 
 # ------------------------------------------------------------------------------ helm
-
-
-@dataclass(frozen=True)
-class Helm:
-    binary: Path
-    home: Path  # HELM_* directories: nothing is read from or written to the user's
-
-    def env(self) -> dict[str, str]:
-        return {**os.environ,
-                "HELM_CACHE_HOME": str(self.home / "cache"),
-                "HELM_CONFIG_HOME": str(self.home / "config"),
-                "HELM_DATA_HOME": str(self.home / "data")}
-
-    def __call__(self, *args: str, check: bool = True,
-                 timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([str(self.binary), *args], capture_output=True, text=True,
-                              timeout=timeout, stdin=subprocess.DEVNULL, env=self.env(),
-                              check=False)
-        if check and done.returncode != 0:
-            raise AssertionError(f"helm {' '.join(args)} failed ({done.returncode}):\n"
-                                 f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-        return done
-
-    def template(self, release: str, namespace: str, values: dict[str, Any] | None = None,
-                 *, crds: bool = False) -> list[dict[str, Any]]:
-        """The chart's objects for these values, as dicts (helm's own order)."""
-        args = ["template", release, str(CHART), "--namespace", namespace]
-        if crds:
-            args.append("--include-crds")
-        if values:
-            path = self.home / f"values-{release}-{namespace}.yaml"
-            path.write_text(yaml.safe_dump(values))
-            args += ["--values", str(path)]
-        return [d for d in yaml.safe_load_all(self(*args).stdout) if d]
 
 
 def by_kind(objects: Iterable[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

@@ -11,35 +11,29 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from chartlib import AUDIT_POLICY, CHART, Helm
+from chartlib import AUDIT_POLICY, CHART
 from kubernetes import client, config
 
 from ioc_operator.kube import Kube
-from ioc_testbed import resource
 from ioc_testbed.controlplane import (
     COLD_BUILD_HINT,
     ControlPlane,
     ControlPlaneError,
     ensure_binaries,
 )
+from ioc_testbed.helm import Helm, build_helm
 
 HERE = Path(__file__).resolve().parent
-HELM_BUILD_TIMEOUT = 1800.0
 
 
 @pytest.fixture(scope="session")
 def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
     """Helm, built once by build-helm.sh (cached outside the repository)."""
     try:
-        done = subprocess.run(["bash", str(resource("kubernetes/build-helm.sh"))],
-                              capture_output=True, text=True, timeout=HELM_BUILD_TIMEOUT,
-                              check=True, stdin=subprocess.DEVNULL)
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        stderr = getattr(exc, "stderr", "") or ""
-        pytest.fail(f"build-helm.sh failed (needs Go and the module proxy): {exc}\n"
-                    f"{stderr[-2000:]}", pytrace=False)
-    binary = Path(done.stdout.strip().splitlines()[-1])
-    return Helm(binary=binary, home=tmp_path_factory.mktemp("helm"))
+        binary = build_helm()
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        pytest.fail(str(exc), pytrace=False)
+    return Helm(binary=binary, home=tmp_path_factory.mktemp("helm"), chart=CHART)
 
 
 @pytest.fixture(scope="session")

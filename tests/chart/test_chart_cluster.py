@@ -22,7 +22,6 @@ from chartlib import (
     CHART,
     IOC_API,
     ChartOperator,
-    Helm,
     Request,
     audited,
     by_kind,
@@ -30,13 +29,14 @@ from chartlib import (
     nonresource_paths,
     rule_triples,
     service_account_kubeconfig,
-    wait_for,
 )
 from kubernetes import client
 
 from ioc_operator.kube import Kube, KubeError
 from ioc_operator.render import parse_ioc, render
 from ioc_testbed.controlplane import ControlPlane
+from ioc_testbed.helm import Helm
+from ioc_testbed.waiting import wait_for
 
 Triple = tuple[str, str, str]
 
