@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from . import GROUP, KIND
+from . import GROUP, KIND, VERSION
 from .config import OperatorConfig
 from .crd import crd_yaml
 from .errors import IOCValidationError
@@ -76,10 +76,42 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_env(data: dict[str, str], fmt: str) -> None:
+    from .directory import PHOEBUS_KEY, phoebus_settings
+
+    if fmt == "phoebus":
+        sys.stdout.write(data.get(PHOEBUS_KEY) or phoebus_settings(data))
+        return
+    for key in sorted(k for k in data if k.startswith("EPICS_")):
+        value = data[key].replace("'", "'\\''")
+        print(f"export {key}='{value}'" if fmt == "shell" else f"{key}={data[key]}")
+
+
+def _name_service_arg(text: str) -> Any:
+    """ADDR, or ADDR:CA_PORT[:PVA_PORT[:PVA_UDP_PORT]]."""
+    from .clientenv import NameService
+
+    address, *ports = text.split(":")
+    try:
+        numbers = [int(p) for p in ports]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: ports must be numbers") from None
+    if not address or len(numbers) > 3 or not all(0 < p < 65536 for p in numbers):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected ADDR[:CA_PORT[:PVA_PORT[:PVA_UDP_PORT]]]")
+    return NameService(address, *numbers)
+
+
 def cmd_client_env(args: argparse.Namespace) -> int:
+    if args.name_service is not None:
+        # The constant directory for a name service: nothing to read from the cluster.
+        from .clientenv import name_service_env
+
+        _print_env(name_service_env(args.name_service), args.format)
+        return 0
+
     from kubernetes import config as k8s_config
 
-    from .directory import PHOEBUS_KEY
     from .kube import Kube, load_client
 
     if args.kubeconfig:
@@ -91,21 +123,29 @@ def cmd_client_env(args: argparse.Namespace) -> int:
             namespace = current.get("context", {}).get("namespace") or "default"
         except (k8s_config.ConfigException, OSError):
             namespace = "default"
+    kube = Kube(load_client())
+    if args.per_ioc:
+        # Every IOC's own settings merged, as the directory holds them without a name
+        # service: for sites that want the per-IOC lists while the directory is constant.
+        from .directory import directory_env
+
+        iocs = kube.list(f"{GROUP}/{VERSION}", KIND, namespace)
+        envs = [(i.get("status") or {}).get("clientEnv") or {} for i in iocs]
+        envs = [e for e in envs if e]
+        if not envs:
+            print(f"error: no IOC with client settings in namespace {namespace}",
+                  file=sys.stderr)
+            return 1
+        _print_env(directory_env(envs), args.format)
+        return 0
     config = OperatorConfig.from_env()
     name = config.directory_name + ("-cluster" if args.cluster else "")
-    kube = Kube(load_client())
     cm = kube.get("v1", "ConfigMap", namespace, name)
     if cm is None:
         print(f"error: no client directory {name} in namespace {namespace} "
               "(no IOCs there yet, or the operator is not running)", file=sys.stderr)
         return 1
-    data = cm.get("data") or {}
-    if args.format == "phoebus":
-        sys.stdout.write(data.get(PHOEBUS_KEY, ""))
-        return 0
-    for key in sorted(k for k in data if k.startswith("EPICS_")):
-        value = data[key].replace("'", "'\\''")
-        print(f"export {key}='{value}'" if args.format == "shell" else f"{key}={data[key]}")
+    _print_env(cm.get("data") or {}, args.format)
     return 0
 
 
@@ -162,13 +202,22 @@ def parser() -> argparse.ArgumentParser:
     render.set_defaults(func=cmd_render)
 
     env = sub.add_parser("client-env",
-                         help="print the EPICS client settings that reach every IOC")
+                         help="print the EPICS client settings that reach every IOC: the "
+                              "namespace's directory (the name service's address when the "
+                              "operator has one), or --per-ioc, or --name-service")
     env.add_argument("-n", "--namespace", help="namespace (default: the context's)")
     env.add_argument("--cluster", action="store_true",
                      help="the cluster-wide directory (IOC_OPERATOR_CLUSTER_DIRECTORY_NAMESPACE)")
     env.add_argument("--format", choices=["shell", "env", "phoebus"], default="shell",
                      help="shell: export lines (default); env: KEY=VALUE; phoebus: settings.ini")
     env.add_argument("--kubeconfig", help="kubeconfig file")
+    source = env.add_mutually_exclusive_group()
+    source.add_argument("--per-ioc", action="store_true",
+                        help="every IOC's own addresses merged (the directory without a "
+                             "name service), from the IOCs' status")
+    source.add_argument("--name-service", type=_name_service_arg,
+                        metavar="ADDR[:CA[:PVA[:PVAUDP]]]",
+                        help="the constant settings for a name service at ADDR (offline)")
     env.set_defaults(func=cmd_client_env)
 
     crd = sub.add_parser("crd", help="print the IOC CustomResourceDefinition")

@@ -10,8 +10,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from . import capabilities
+from .config import OperatorConfig
 from .models import IOCSpec
-from .render.ports import CA_PORT, PVA_BROADCAST_PORT, ResolvedPorts
+from .render.ports import CA_PORT, PVA_BROADCAST_PORT, PVA_SERVER_PORT, ResolvedPorts
 
 
 def _hostport(address: str, port: int, default: int) -> str:
@@ -85,3 +86,38 @@ def endpoints(spec: IOCSpec, address: str, ports: ResolvedPorts) -> dict[str, st
     if spec.serves_pva:
         out["pva"] = f"{address}:{ports.pva_server}"
     return out
+
+
+@dataclass(frozen=True)
+class NameService:
+    """Where the name service (ioc-name-server) is reached: one stable address."""
+
+    address: str
+    ca_port: int = CA_PORT  # TCP name-server searches and UDP searches
+    pva_port: int = PVA_SERVER_PORT  # TCP
+    pva_udp_port: int = PVA_BROADCAST_PORT
+
+
+def name_service(config: OperatorConfig) -> NameService | None:
+    """The name service the operator is told of (IOC_OPERATOR_NAME_SERVICE_*), if any."""
+    if not config.name_service_address:
+        return None
+    return NameService(config.name_service_address, config.name_service_ca_port,
+                       config.name_service_pva_port, config.name_service_pva_udp_port)
+
+
+def name_service_env(service: NameService) -> dict[str, str]:
+    """The constant directory: every client setting names only the name service, so it
+    never changes as IOCs come and go. Both lists of each protocol name it: libca and
+    pvxs clients search over TCP (NAME_SERVERS), caproto and pvAccessCPP clients only
+    over UDP (ADDR_LIST); libca and pvxs send each batch of names both ways, one TCP
+    message and one datagram per batch."""
+    a = service.address
+    return {
+        "EPICS_CA_ADDR_LIST": _hostport(a, service.ca_port, CA_PORT),
+        "EPICS_CA_AUTO_ADDR_LIST": "NO",
+        "EPICS_CA_NAME_SERVERS": f"{a}:{service.ca_port}",
+        "EPICS_PVA_ADDR_LIST": _hostport(a, service.pva_udp_port, PVA_BROADCAST_PORT),
+        "EPICS_PVA_AUTO_ADDR_LIST": "NO",
+        "EPICS_PVA_NAME_SERVERS": f"{a}:{service.pva_port}",
+    }

@@ -27,6 +27,13 @@ class OperatorConfig(BaseModel):
     # How often to list all IOCs and drop directory entries of IOCs deleted while the
     # operator's watch was down (see resync.py).
     resync_seconds: float = Field(default=60.0, ge=1.0)
+    # The name service's stable address (the ioc-name-server Service's ClusterIP, or a
+    # name clients resolve). When set, every client directory holds only it and never
+    # changes as IOCs come and go; unset, the directory lists every IOC's address.
+    name_service_address: str | None = Field(default=None)
+    name_service_ca_port: int = Field(default=5064, ge=1, le=65535)
+    name_service_pva_port: int = Field(default=5075, ge=1, le=65535)
+    name_service_pva_udp_port: int = Field(default=5076, ge=1, le=65535)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> OperatorConfig:

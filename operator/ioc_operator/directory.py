@@ -3,6 +3,8 @@ cluster) whose keys are the EPICS client settings that reach every IOC in it.
 
 Pure: per-IOC client settings in, ConfigMap out. Sorted and de-duplicated, so the
 same set of IOCs always yields the same bytes and an unchanged set never rewrites it.
+With a name service the directory is constant: only the name service's address, the
+same bytes whatever the IOCs (`constant`).
 """
 
 from __future__ import annotations
@@ -62,9 +64,11 @@ def phoebus_settings(env: Mapping[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def directory_config_map(namespace: str, name: str,
-                         envs: Iterable[Mapping[str, str]]) -> dict[str, Any]:
-    env = directory_env(envs)
+def directory_config_map(namespace: str, name: str, envs: Iterable[Mapping[str, str]],
+                         constant: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The directory ConfigMap: `constant` settings (the name service's) when given,
+    else the merged settings of every IOC."""
+    env = dict(sorted(constant.items())) if constant is not None else directory_env(envs)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",

@@ -1,4 +1,9 @@
-"""Write the client directories (I/O). Skips the API when the content is unchanged."""
+"""Write the client directories (I/O). Skips the API when the content is unchanged.
+
+With a name service configured (IOC_OPERATOR_NAME_SERVICE_ADDRESS) every directory is
+the constant one, and it stays when a namespace's last IOC goes: client pods loading it
+with envFrom keep starting, and nothing in it depended on that IOC.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from .clientenv import name_service, name_service_env
+from .config import OperatorConfig
 from .directory import directory_config_map
 from .kube import Kube
 
@@ -18,9 +25,11 @@ KEPT_VERSIONS = 64
 class DirectoryPublisher:
     """Applies a namespace's directory ConfigMap, or deletes it when no IOC is left."""
 
-    def __init__(self, kube: Kube, name: str) -> None:
+    def __init__(self, kube: Kube, name: str, config: OperatorConfig | None = None) -> None:
         self.kube = kube
         self.name = name
+        service = name_service(config if config is not None else OperatorConfig.from_env())
+        self.constant = name_service_env(service) if service is not None else None
         self._last: dict[tuple[str, str], dict[str, Any] | None] = {}
         self._writing: dict[tuple[str, str], dict[str, Any]] = {}
         self._versions: dict[tuple[str, str], deque[str]] = {}
@@ -31,8 +40,11 @@ class DirectoryPublisher:
                 name: str | None = None) -> bool:
         """`envs` None: the namespace has no IOCs. Returns whether the API was called."""
         name = name or self.name
-        wanted = directory_config_map(namespace, name, envs) if envs is not None else None
         key = (namespace, name)
+        if envs is None and self.constant is not None:
+            return False  # constant: kept as it is (or never written, if no IOC ever was)
+        wanted = (directory_config_map(namespace, name, envs, self.constant)
+                  if envs is not None else None)
         with self._lock:
             if key in self._last and self._last[key] == wanted:
                 return False

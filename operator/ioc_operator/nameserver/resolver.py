@@ -190,6 +190,9 @@ class Resolver:
     # ------------------------------------------------------------------ probe results
     def probe_result(self, proto: str, name: str, ioc: IOC, found: bool | None) -> None:
         """An IOC said whether it has `name` (None: it did not answer in time)."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s: %s says %s", proto, name, ioc.key,
+                      {True: "found", False: "not found", None: "nothing"}[found])
         lookup = self.lookups.get((proto, name))
         if lookup is None:
             return
