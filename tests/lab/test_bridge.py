@@ -427,3 +427,26 @@ def test_sigterm_stops_the_bridge_cleanly(lab, sites):
     code = lab.stop(site.bridge, grace=5.0)
     assert code == 0 and time.monotonic() - start < 5.0
     assert "stopped" in site.bridge_log()
+
+
+def test_own_names_answered_first_in_a_search_full_of_other_iocs_names(lab, client):
+    """With per-IOC address lists a client's search batch carries every IOC's names.
+    A fresh bridge waited for CA on the first ones, spent its search budget on them and
+    answered its own name only at the client's next search, 6 s or more later when the
+    client also has name servers (found on the real node: a p4p get of 5 IOCs' PVs timed
+    out on the bridged one). With --prefix its own names come first."""
+    pod = lab.add_pod(IOC_NODE, name="busy-bridge-ioc")
+    ioc = start_ioc(lab, pod, "caproto", "BB:")
+    bridge = start_bridge(lab, pod, "--prefix", "BB:")
+    try:
+        foreign = [f"OTHER{i}:value" for i in range(6)]
+        # As the published directory has it: UDP address list and TCP name servers.
+        env = {**pva_env(pod.ip, name_server=False),
+               "EPICS_PVA_NAME_SERVERS": f"{pod.ip}:5075"}
+        result = run_client(lab, client, "p4p", "get", [*foreign, "BB:temperature"], env,
+                            timeout=3.0)
+        own = next(r for r in result.results if r["pv"] == "BB:temperature")
+        assert own["ok"], result
+    finally:
+        lab.stop(bridge)
+        lab.stop(ioc)

@@ -131,7 +131,7 @@ def test_ca_only_ioc_in_sidecar_mode_gets_the_ca_gateway_and_the_bridge():
     assert bridge["command"] == ["ioc-ca-pva-bridge"]
     assert bridge["args"] == ["--interface", "$(POD_IP)", "--server-port", "5075",
                               "--broadcast-port", "5076", "--ca-addr-list", "127.0.0.1:15064",
-                              "--inactive-timeout", "60", "--read-only"]
+                              "--inactive-timeout", "60", "--prefix", "T:", "--read-only"]
     svc_ports = {p["name"] for p in kinds["Service"]["spec"]["ports"]}
     assert svc_ports == {"ca-tcp", "ca-udp", "pva-tcp", "pva-udp"}
     env_out = for_ioc(ioc.spec, "198.19.1.9", resolve_ports(ioc.spec)).env()

@@ -78,6 +78,12 @@ class BridgeConfig:
     inactive_timeout: float = 60.0
     pvlist: str | None = None  # pvlist text (pvagw / CA gateway syntax)
     put_timeout: float = 5.0
+    # Names the IOC is known to serve (its PV prefixes). Only searches for these may
+    # wait for their CA lookup; empty: every name may.
+    prefixes: tuple[str, ...] = ()
+
+    def expected(self, name: str) -> bool:
+        return not self.prefixes or name.startswith(self.prefixes)
 
     def pva_conf(self) -> dict[str, str]:
         """EPICS_PVAS_* for the p4p server: only the given interface and ports."""
@@ -241,7 +247,11 @@ class Bridge:
         if channel.claimable.is_set():
             return True
         channel.wake()  # if dormant (the static provider lists it: claimed either way)
-        wait = self._budget.allowance()
+        # Clients with per-IOC address lists send every name to every IOC: a search
+        # batch full of other IOCs' names must not spend the wait budget before this
+        # IOC's own names come up (they would be answered only at the client's next
+        # search, 6 s or more later). Other names are looked up without waiting.
+        wait = self._budget.allowance() if self.config.expected(name) else 0.0
         if wait > 0.0:
             start = time.monotonic()
             channel.claimable.wait(wait)
@@ -369,6 +379,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="pvlist file (ALLOW / DENY / ALIAS lines, pvagw syntax)")
     parser.add_argument("--put-timeout", type=_seconds, default=5.0,
                         help="seconds a CA put may take before the PVA put fails (5 s)")
+    parser.add_argument("--prefix", action="append", default=[],
+                        help="PV prefix the IOC serves (repeatable): searches for these "
+                             "names are answered first; others are still bridged")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="-v: connections and drops, -vv: every search and put")
     return parser.parse_args(argv)
@@ -402,6 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         inactive_timeout=args.inactive_timeout,
         pvlist=pvlist,
         put_timeout=args.put_timeout,
+        prefixes=tuple(args.prefix),
     )
     stop = threading.Event()
 

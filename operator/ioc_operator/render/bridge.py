@@ -25,7 +25,8 @@ def container(ioc: IOC, ports: ResolvedPorts, config: OperatorConfig) -> dict[st
     args = ["--interface", sidecars.POD_IP, "--server-port", str(ports.pva_server),
             "--broadcast-port", str(ports.pva_broadcast),
             "--ca-addr-list", ca_target(ioc, ports),
-            "--inactive-timeout", str(ioc.spec.ca_gateway.inactive_timeout_seconds)]
+            "--inactive-timeout", str(ioc.spec.ca_gateway.inactive_timeout_seconds),
+            "--prefix", ioc.spec.prefix]
     if bridge.read_only:
         args.append("--read-only")
     out: dict[str, Any] = {
