@@ -83,6 +83,9 @@ def container(ioc: IOC, ports: ResolvedPorts, config: OperatorConfig) -> dict[st
         "volumeMounts": [
             {"name": "pvagw-config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "pvagw-run", "mountPath": RUN_DIR},
+            # pvagw keeps its statistics in a SQLite file in $TMPDIR (p4p.gw.GWStats);
+            # the root filesystem is read-only.
+            {"name": "pvagw-tmp", "mountPath": "/tmp"},
         ],
         "securityContext": copy.deepcopy(sidecars.SECURITY_CONTEXT),
     }
@@ -96,4 +99,5 @@ def volumes(ioc: IOC) -> list[dict[str, Any]]:
     return [
         {"name": "pvagw-config", "configMap": {"name": names.pvagw_config_name(ioc)}},
         {"name": "pvagw-run", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+        {"name": "pvagw-tmp", "emptyDir": {"sizeLimit": "64Mi"}},
     ]
