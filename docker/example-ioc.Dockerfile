@@ -2,8 +2,8 @@
 # The example IOC image that examples/*.yaml run: the EPICS server kinds the operator
 # supports, each serving <prefix>value, counter, mode and wave (the same files the test
 # bed's network lab runs):
-#   python -m pvxslibs.ioc -d /epics/example/example.db -m P=<prefix>      rsrv + QSRV2
-#   python -m epicscorelibs.ioc -d /epics/example/example.db -m P=<prefix> rsrv + QSRV1
+#   python -m pvxslibs.ioc -m P=<prefix> -d /epics/example/example.db      rsrv + QSRV2
+#   python -m epicscorelibs.ioc -m P=<prefix> -d /epics/example/example.db rsrv + QSRV1
 #   python /epics/example/caproto_ioc.py <prefix>                           caproto (CA)
 #   python /epics/example/pcaspy_ioc.py <prefix>                            pcas (CA)
 #   python /epics/example/p4p_ioc.py <prefix>                               p4p (PVA)
@@ -36,4 +36,4 @@ RUN groupadd --system --gid 65532 ioc \
        --shell /usr/sbin/nologin ioc
 USER 65532:65532
 WORKDIR /epics/example
-CMD ["python", "-m", "pvxslibs.ioc", "-d", "/epics/example/example.db", "-m", "P=EXAMPLE:"]
+CMD ["python", "-m", "pvxslibs.ioc", "-m", "P=EXAMPLE:", "-d", "/epics/example/example.db"]

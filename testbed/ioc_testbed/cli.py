@@ -14,6 +14,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run(args.kubeconfig, Path(args.examples))
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    """Start a real cluster, print how to reach it, keep it until Ctrl-C or SIGTERM."""
+    import signal
+    import time
+
+    from .cluster import Cluster
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+    cluster = Cluster(args.nodes, context=Path(args.context))
+    try:
+        cluster.start()
+        print(f"cluster up in {cluster.timings['start']:.0f} s: "
+              f"{', '.join(n.name for n in cluster.nodes)}", flush=True)
+        print(f"export KUBECONFIG={cluster.kubeconfig}", flush=True)
+        if args.kubeconfig_link:
+            link = Path(args.kubeconfig_link)
+            link.unlink(missing_ok=True)
+            link.symlink_to(cluster.kubeconfig)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        problems = cluster.stop()
+        left = cluster.residue()
+        print(f"cluster stopped in {cluster.timings.get('stop', 0):.0f} s"
+              + (f"; problems: {problems}" if problems else "")
+              + (f"; left behind: {left}" if left else "; nothing left behind"), flush=True)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ioc-testbed",
@@ -27,6 +62,14 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--examples", default="examples",
                       help="directory of IOC manifests (default: ./examples)")
     demo.set_defaults(func=cmd_demo)
+    cluster = sub.add_parser(
+        "cluster", help="start a real cluster (control plane, nodes, the project's images) "
+        "and keep it until Ctrl-C; root only")
+    cluster.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
+    cluster.add_argument("--context", default=".",
+                         help="repository root: docker/*.Dockerfile are built from it")
+    cluster.add_argument("--kubeconfig-link", help="also symlink the admin kubeconfig here")
+    cluster.set_defaults(func=cmd_cluster)
     return p
 
 

@@ -84,7 +84,9 @@ class NodeNetwork:
             run(["ip", "netns", "exec", ns, *argv])
 
         in_ns("ip", "link", "set", "lo", "up")
-        in_ns("ip", "addr", "add", f"{node.ip}/{NODE_SUBNET.prefixlen}", "dev", "eth0")
+        # With a broadcast address, like a real NIC (pcas refuses an interface without).
+        in_ns("ip", "addr", "add", f"{node.ip}/{NODE_SUBNET.prefixlen}", "brd", "+", "dev",
+              "eth0")
         in_ns("ip", "link", "set", "eth0", "up")
         # Only what the cluster needs: the other nodes' pods, and Services through the
         # host (kube-proxy DNATs them before routing; a route must still exist).

@@ -1,0 +1,125 @@
+"""End-to-end tests on real nodes: the project's images, the chart's operator in a pod.
+
+One cluster for the session (`ioc_testbed.cluster.Cluster`: a control plane and two
+nodes, beamline-01 and beamline-02, each with containerd, kubelet and kube-proxy; needs
+root and the Debian packages that `make system-deps` installs). The chart installs the
+operator into `ioc-system`; the examples run in `e2e-examples`. The teardown is checked:
+it must leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ioc_testbed.cluster import Cluster, ClusterError
+from ioc_testbed.helm import Helm, build_helm
+from ioc_testbed.waiting import wait_for
+
+from support import CHART, OPERATOR_NS, REPO, ClientPod, Kubectl, condition, examples
+
+EXAMPLES_NS = "e2e-examples"
+HOST_NODE = "beamline-01"
+AUTOSAVE_PV = "e2e-autosave-bl01"
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    # E2E_KUBECONFIG: reuse a cluster kept up by `ioc-testbed cluster` (development).
+    if os.environ.get("E2E_KUBECONFIG"):
+        pytest.fail("E2E_KUBECONFIG is for the kubectl fixture only", pytrace=False)
+    the_cluster = Cluster(nodes=2, context=REPO)
+    try:
+        the_cluster.start()
+    except (ClusterError, RuntimeError) as exc:
+        pytest.fail(f"the real-node cluster did not start: {exc}", pytrace=False)
+    print(f"\ncluster up: {the_cluster.timings}")
+    yield the_cluster
+    problems = the_cluster.stop()
+    left = the_cluster.residue()
+    print(f"\ncluster stopped in {the_cluster.timings['stop']:.1f} s")
+    assert problems == [] and left == [], f"teardown: {problems}; left behind: {left}"
+
+
+@pytest.fixture(scope="session")
+def kubectl(request: pytest.FixtureRequest) -> Kubectl:
+    if path := os.environ.get("E2E_KUBECONFIG"):
+        from ioc_testbed.controlplane import ensure_binaries
+
+        return Kubectl(ensure_binaries(build=False) / "kubectl", Path(path))
+    the_cluster: Cluster = request.getfixturevalue("cluster")
+    assert the_cluster.plane is not None and the_cluster.plane.bin_dir is not None
+    return Kubectl(the_cluster.plane.bin_dir / "kubectl", the_cluster.kubeconfig)
+
+
+@pytest.fixture(scope="session")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    return Helm(build_helm(), tmp_path_factory.mktemp("helm"), CHART)
+
+
+@pytest.fixture(scope="session")
+def operator(kubectl: Kubectl, helm: Helm) -> str:
+    """The chart installed as a new user would: the operator runs as a pod."""
+    helm("upgrade", "--install", "ioc-operator", str(CHART), "--namespace", OPERATOR_NS,
+         "--create-namespace", "--kubeconfig", str(kubectl.kubeconfig), "--wait",
+         "--timeout", "180s", timeout=240)
+    kubectl("-n", OPERATOR_NS, "rollout", "status", "deployment/ioc-operator",
+            "--timeout=120s", timeout=150)
+    return OPERATOR_NS
+
+
+def autosave_volume(kubectl: Kubectl, node: str) -> None:
+    """A local PersistentVolume on `node` for the host-mode example's autosave claim.
+    Its directory lives in the node's own directory and is owned by the IOC's uid."""
+    path = Path(kubectl.kubeconfig).resolve().parents[1] / node / "volumes" / AUTOSAVE_PV
+    path.mkdir(parents=True, exist_ok=True)
+    os.chown(path, 65532, 65532)
+    kubectl.apply([{
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": AUTOSAVE_PV},
+        "spec": {
+            "capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+            "local": {"path": str(path)},
+            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}},
+        },
+    }])
+
+
+@pytest.fixture(scope="session")
+def example_iocs(kubectl: Kubectl, operator: str) -> dict[str, dict[str, Any]]:
+    """Every example applied with kubectl, each IOC Ready (its containers really run)."""
+    kubectl("create", "namespace", EXAMPLES_NS, check=False)
+    autosave_volume(kubectl, HOST_NODE)
+    docs = examples(HOST_NODE)
+    kubectl.apply(docs, EXAMPLES_NS)
+    names = [d["metadata"]["name"] for d in docs]
+    done = kubectl("-n", EXAMPLES_NS, "wait", "--for=condition=Ready", "iocs", *names,
+                   "--timeout=180s", check=False, timeout=200)
+    iocs = {i["metadata"]["name"]: i for i in
+            kubectl.json("-n", EXAMPLES_NS, "get", "iocs")["items"]}
+    if done.returncode:
+        pods = kubectl("-n", EXAMPLES_NS, "get", "pods", "-o", "wide", check=False).stdout
+        states = {n: condition(i, "Ready") for n, i in iocs.items()}
+        pytest.fail(f"not every example IOC became Ready: {states}\n{pods}", pytrace=False)
+    return iocs
+
+
+@pytest.fixture(scope="session")
+def client(kubectl: Kubectl, example_iocs: dict[str, dict[str, Any]]) -> ClientPod:
+    """A client pod on the other node, started once the directory lists every IOC."""
+    def complete() -> bool:
+        cm = kubectl.get("configmap", "epics-client-env", EXAMPLES_NS) or {}
+        data = cm.get("data") or {}
+        listed = data.get("EPICS_CA_ADDR_LIST", "") + " " + data.get("EPICS_PVA_ADDR_LIST", "")
+        wanted = [a for i in example_iocs.values()
+                  for a in (i.get("status", {}).get("endpoints") or {}).values()]
+        return all(a.rsplit(":", 1)[0] in listed for a in wanted)
+
+    wait_for("the directory to list every example IOC", complete, timeout=30)
+    return ClientPod(kubectl, EXAMPLES_NS, node="beamline-02").create()
