@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +35,10 @@ from chartlib import (
 )
 from kubernetes import client
 
+from ioc_operator.clientenv import NameService, name_service_env
 from ioc_operator.kube import Kube, KubeError
 from ioc_operator.render import parse_ioc, render
-from ioc_testbed.controlplane import ControlPlane
+from ioc_testbed.controlplane import ControlPlane, free_port
 from ioc_testbed.helm import Helm
 from ioc_testbed.waiting import wait_for
 
@@ -70,6 +74,8 @@ class Release:
     iocs_in: tuple[str, str]
     node_ip: str
     directory_namespace: str | None = None
+    # The name service's address the operator is told (None: per-IOC directories).
+    name_service: str | None = None
 
     @property
     def account(self) -> str:
@@ -86,14 +92,22 @@ class Release:
 
 RELEASES = {
     # The chart's defaults: a ClusterRole, all namespaces watched.
+    # The chart's defaults: a ClusterRole, all namespaces watched, the name service on.
     "cluster": Release("ioc-operator", "ioc-system", {}, ("beamline", "linac"),
-                       node_ip="198.18.0.21"),
+                       node_ip="198.18.0.21",
+                       name_service="ioc-operator-name-server.ioc-system.svc"),
+    # Roles per namespace, and the per-IOC directories of a site without name service.
     "namespaced": Release(
         "epics", "epics-ops",
         {"rbac": {"scope": "namespaced"}, "watchNamespaces": ["bl-12", "bl-13"],
-         "directory": {"clusterNamespace": "epics-dir"}},
+         "directory": {"clusterNamespace": "epics-dir"},
+         "nameService": {"enabled": False}},
         ("bl-12", "bl-13"), node_ip="198.18.0.31", directory_namespace="epics-dir"),
 }
+
+
+def component(obj: dict[str, Any]) -> str:
+    return obj["metadata"].get("labels", {}).get("app.kubernetes.io/component", "")
 
 
 @dataclass
@@ -137,6 +151,8 @@ def install(helm: Helm, chart_plane: ControlPlane,
         installed = Installed(rel, objects, service_account_kubeconfig(
             chart_plane, rel.namespace, rel.account, path))
         for obj in by_kind(objects, "ClusterRole") + by_kind(objects, "Role"):
+            if component(obj) != "operator":
+                continue  # the name server's: test_name_server_reads_iocs_and_nothing_else
             ns = obj["metadata"].get("namespace")
             installed.grants.setdefault(ns, set()).update(rule_triples(obj["rules"]))
         done[scope] = installed
@@ -265,7 +281,13 @@ def run_scenario(kube: Kube, rel: Release) -> None:
         cm = kube.get("v1", "ConfigMap", ns, name)
         return (cm or {}).get("data")
 
+    constant = (name_service_env(NameService(rel.name_service)) if rel.name_service
+                else None)
+
     def lists_all(data: dict[str, str] | None) -> bool:
+        if constant is not None:  # only the name service, whatever the IOCs
+            return {k: v for k, v in (data or {}).items() if k.startswith("EPICS_")} \
+                == constant
         addrs = (data or {}).get("EPICS_CA_ADDR_LIST", "").split()
         wanted = [done["pod-a"]["status"]["clientEnv"]["EPICS_CA_ADDR_LIST"],
                   done["side-a"]["status"]["clientEnv"]["EPICS_CA_ADDR_LIST"],
@@ -274,6 +296,8 @@ def run_scenario(kube: Kube, rel: Release) -> None:
 
     wait_for(f"directory in {main}", lambda: lists_all(directory(main)))
     wait_for(f"directory in {other}", lambda: directory(other))
+    versions = {ns: kube.get("v1", "ConfigMap", ns, "epics-client-env")["metadata"][
+        "resourceVersion"] for ns in (main, other)}
     if rel.directory_namespace:
         wait_for("cluster directory", lambda: lists_all(
             directory(rel.directory_namespace, "epics-client-env-cluster")))
@@ -293,14 +317,21 @@ def run_scenario(kube: Kube, rel: Release) -> None:
         and kube.get("v1", "ConfigMap", main, "side-a-pvagw") is None
         and kube.get("networking.k8s.io/v1", "NetworkPolicy", main, "side-a") is None))
 
-    # The last IOC of a namespace gone: its directory goes too.
+    # The last IOC of a namespace gone: its directory goes too, unless it is the name
+    # service's constant one, which was never rewritten and stays.
     for name in ("pod-a", "side-a", "host-a", "host-b", "probe-a"):
         kube.delete(IOC_API, "IOC", main, name)
     kube.delete(IOC_API, "IOC", other, "pod-b")
     wait_for("IOCs gone", lambda: not kube.list(IOC_API, "IOC", main)
              and not kube.list(IOC_API, "IOC", other))
-    wait_for("directories deleted", lambda: directory(main) is None
-             and directory(other) is None)
+    if constant is None:
+        wait_for("directories deleted", lambda: directory(main) is None
+                 and directory(other) is None)
+        return
+    time.sleep(2)  # a publish would follow the deletions within a fraction of a second
+    for ns, version in versions.items():
+        cm = kube.get("v1", "ConfigMap", ns, "epics-client-env")
+        assert cm is not None and cm["metadata"]["resourceVersion"] == version, ns
 
 
 @pytest.fixture
@@ -309,7 +340,8 @@ def operator_as(chart_plane: ControlPlane,
     started: list[ChartOperator] = []
 
     def start(installed: Installed) -> ChartOperator:
-        deployment = by_kind(installed.objects, "Deployment")[0]
+        (deployment,) = [d for d in by_kind(installed.objects, "Deployment")
+                         if component(d) == "operator"]
         op = ChartOperator(deployment, installed.kubeconfig, tmp_path / "operator.log")
         op.start()
         started.append(op)
@@ -517,4 +549,83 @@ def test_service_account_can_and_cannot(chart_plane, install, scope):
             wrong.append(f"{' '.join(args)}: {done.stdout} {done.stderr}")
         elif (answer == "yes") != expected:
             wrong.append(f"{' '.join(args)}: {answer}, expected {'yes' if expected else 'no'}")
+    assert not wrong, "\n".join(wrong)
+
+
+# ------------------------------------------------------------------- name server
+
+
+NAME_SERVER_CAN_I = [
+    ("get", "iocs.epics-operator.io", "beamline", True),
+    ("list", "iocs.epics-operator.io", "-A", True),
+    ("watch", "iocs.epics-operator.io", "-A", True),
+    ("patch", "iocs.epics-operator.io", "beamline", False),
+    ("patch", "iocs.epics-operator.io/status", "beamline", False),
+    ("list", "services", "beamline", False),
+    ("list", "pods", "-A", False),
+    ("get", "secrets", "ioc-system", False),
+    ("list", "configmaps", "beamline", False),
+    ("get", "nodes", None, False),
+]
+
+
+def test_name_server_reads_iocs_and_nothing_else(chart_plane, admin, install, tmp_path):
+    """ioc-name-server, started with the chart's arguments as its own ServiceAccount,
+    follows IOC objects' status into its table; the audit log shows it only listing
+    and watching IOCs, and its account can do nothing else."""
+    installed = install("cluster")
+    rel = installed.release
+    account = "ioc-operator-name-server"
+    (deployment,) = [d for d in by_kind(installed.objects, "Deployment")
+                     if component(d) == "name-server"]
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    kubeconfig = service_account_kubeconfig(chart_plane, rel.namespace, account,
+                                            tmp_path / "kubeconfig")
+    ports = [free_port() for _ in range(3)]
+    argv = [sys.executable, "-m", "ioc_operator.nameserver.main", *c["args"],
+            "--kubeconfig", str(kubeconfig), "--listen", "127.0.0.1",
+            "--ca-port", str(ports[0]), "--pva-port", str(ports[1]),
+            "--pva-udp-port", str(ports[2])]
+    log_path = tmp_path / "name-server.log"
+    main = rel.iocs_in[0]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL,
+                                env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                                     "NO_PROXY": "127.0.0.1"})
+    try:
+        wait_for("the name server listening", lambda: "answering for" in log_path.read_text()
+                 or proc.poll() is not None)
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        admin.create(ioc("ns-seen", main))
+        admin.patch_status(IOC_API, "IOC", main, "ns-seen", {
+            "mode": "pod", "endpoints": {"ca": "198.19.7.7:5064", "pva": "198.19.7.7:5075"},
+            "ports": {"ca": 5064, "pvaServer": 5075, "pvaBroadcast": 5076}})
+        wait_for("the IOC in its table", lambda: f"IOC {main}/ns-seen: new at "
+                 "ca=198.19.7.7:5064 pva=198.19.7.7:5075" in log_path.read_text())
+        admin.delete(IOC_API, "IOC", main, "ns-seen")
+        wait_for("the IOC gone", lambda: f"IOC {main}/ns-seen deleted" in log_path.read_text())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    text = log_path.read_text()
+    assert not DENIED.search(text), text[-3000:]
+    user = f"system:serviceaccount:{rel.namespace}:{account}"
+    requests = [r for r in audited(chart_plane.workdir / "audit.log", user)
+                if r.group != "authorization.k8s.io"]
+    assert requests and all(r.decision == "allow" for r in requests)
+    used = {r.triple for r in requests}
+    assert used == {("epics-operator.io", "iocs", "list"), ("epics-operator.io", "iocs", "watch")}
+    granted = set().union(*(rule_triples(r["rules"]) for r in
+                            by_kind(installed.objects, "ClusterRole")
+                            + by_kind(installed.objects, "Role") if component(r) == "name-server"))
+    assert granted == {("epics-operator.io", "iocs", v) for v in ("get", "list", "watch")}
+    wrong = []
+    for verb, resource, where, expected in NAME_SERVER_CAN_I:
+        resource, _, sub = resource.partition("/")
+        args = ["auth", "can-i", verb, resource] + ([f"--subresource={sub}"] if sub else [])
+        args += ["--all-namespaces"] if where == "-A" else (["-n", where] if where else [])
+        answer = kubectl_as(chart_plane, kubeconfig, *args).stdout.strip()
+        if (answer == "yes") != expected:
+            wrong.append(f"{' '.join(args)}: {answer}")
     assert not wrong, "\n".join(wrong)

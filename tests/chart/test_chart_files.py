@@ -31,9 +31,14 @@ def chart_meta() -> dict[str, Any]:
     return yaml.safe_load((CHART / "Chart.yaml").read_text())
 
 
-def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
-    (deployment,) = by_kind(objects, "Deployment")
-    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+def deployment_of(objects: list[dict[str, Any]], component: str = "operator") -> dict[str, Any]:
+    (deployment,) = [d for d in by_kind(objects, "Deployment")
+                     if d["metadata"]["labels"]["app.kubernetes.io/component"] == component]
+    return deployment
+
+
+def container(objects: list[dict[str, Any]], component: str = "operator") -> dict[str, Any]:
+    (c,) = deployment_of(objects, component)["spec"]["template"]["spec"]["containers"]
     return c
 
 
@@ -97,8 +102,7 @@ def test_versions_and_default_images_match():
 
 def test_default_deployment(helm):
     objects = helm.template("ioc-operator", "ioc-system")
-    (deployment,) = by_kind(objects, "Deployment")
-    spec = deployment["spec"]
+    spec = deployment_of(objects)["spec"]
     assert spec["replicas"] == 1
     assert spec["strategy"] == {"type": "Recreate"}  # never two operators at once
     pod = spec["template"]["spec"]
@@ -122,11 +126,13 @@ def test_default_deployment(helm):
     assert port["containerPort"] == int(m.group(1))
     # The writable /tmp of a read-only root file system.
     assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"])
-    # The chart's defaults are the operator's defaults.
+    # The chart's defaults are the operator's defaults, plus the name service (on by
+    # default) at its Service's DNS name.
     assert c["command"] == ["ioc-operator"]
     args = parser().parse_args(c["args"])
     assert args.command == "run" and args.namespace is None and not args.verbose
-    assert OperatorConfig.from_env(env_of(c)) == OperatorConfig()
+    assert OperatorConfig.from_env(env_of(c)) == OperatorConfig(
+        name_service_address="ioc-operator-name-server.ioc-system.svc")
 
 
 def test_values_reach_the_operator(helm):
@@ -142,13 +148,20 @@ def test_values_reach_the_operator(helm):
     assert OperatorConfig.from_env(env) == OperatorConfig(
         gateway_image="registry.example/gw:7",
         ca_gateway_image="registry.example/ca-gateway:2.1.3", directory_name="epics-env",
-        cluster_directory_namespace="epics-dir", host_port_min=6000, host_port_max=6100)
+        cluster_directory_namespace="epics-dir", host_port_min=6000, host_port_max=6100,
+        name_service_address="epics-ioc-operator-name-server.epics-ops.svc")
     args = parser().parse_args(c["args"])
     assert args.namespace == ["bl-12", "bl-13"] and args.verbose
 
 
+def operators(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The operator's own objects (not the name server's)."""
+    return [o for o in objects
+            if o["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"]
+
+
 def test_namespaced_rbac(helm):
-    objects = helm.template("epics", "epics-ops", NAMESPACED)
+    objects = operators(helm.template("epics", "epics-ops", NAMESPACED))
     (cluster_role,) = by_kind(objects, "ClusterRole")
     assert {r for _, r, _ in rule_triples(cluster_role["rules"])} == {
         "nodes", "namespaces", "customresourcedefinitions"}
