@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from . import GROUP, KIND, PLURAL, VERSION
-from .models import IOCSpec, IOCStatus
+from .models import NAME_RULE, IOCSpec, IOCStatus
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Mode", "type": "string", "jsonPath": ".spec.network.mode"},
@@ -72,6 +72,12 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
                         if {"type": "null"} in sub.get("anyOf", [])}
         elif key in ("items", "additionalProperties", "anyOf", "allOf"):
             out[key] = _resolve(value, defs)
+        elif key == "propertyNames":
+            # Structural schemas cannot bound map keys; a CEL rule does.
+            limit = value["maxLength"]
+            out.setdefault("x-kubernetes-validations", []).append({
+                "rule": f"self.all(k, size(k) <= {limit})",
+                "message": f"keys may have at most {limit} characters"})
         else:
             out[key] = value
     if out.get("x-kubernetes-preserve-unknown-fields") or "properties" in out:
@@ -132,10 +138,15 @@ def crd() -> dict[str, Any]:
                                 "PVA on cluster networks without broadcast."
                             ),
                             "required": ["spec"],
+                            "x-kubernetes-validations": [NAME_RULE],
                             "properties": {
-                                "apiVersion": {"type": "string"},
-                                "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
+                                "apiVersion": {"type": "string", "description": (
+                                    f"{GROUP}/{VERSION}.")},
+                                "kind": {"type": "string", "description": f"{KIND}."},
+                                # Declared so NAME_RULE's fieldPath may name it; the API
+                                # server still documents metadata as ObjectMeta.
+                                "metadata": {"type": "object",
+                                             "properties": {"name": {"type": "string"}}},
                                 "spec": spec_schema,
                                 "status": status_schema,
                             },

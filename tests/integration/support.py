@@ -1,4 +1,5 @@
-"""Helpers for the integration tests: bounded waits and the operator subprocess."""
+"""Helpers for the integration tests: bounded waits, IOC manifests and their status, the
+operator subprocess."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ioc_operator.kube import Kube
 from ioc_testbed.operator_process import OperatorProcess
 
 IOC_API = "epics-operator.io/v1alpha1"
@@ -23,6 +25,46 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float = WAIT) -> Any:
             return last
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
+
+
+def ioc_manifest(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": IOC_API,
+        "kind": "IOC",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"image": "registry.example/ioc:1", "prefix": f"{name.upper()}:", **spec},
+    }
+
+
+def get_ioc(kube: Kube, ns: str, name: str) -> dict[str, Any] | None:
+    return kube.get(IOC_API, "IOC", ns, name)
+
+
+def condition(ioc: dict[str, Any] | None, ctype: str) -> dict[str, Any] | None:
+    for cond in ((ioc or {}).get("status") or {}).get("conditions") or []:
+        if cond["type"] == ctype:
+            return cond
+    return None
+
+
+def reconciled(kube: Kube, ns: str, name: str) -> dict[str, Any] | None:
+    """The IOC once the operator has handled its current generation."""
+    ioc = get_ioc(kube, ns, name)
+    cond = condition(ioc, "Reconciled")
+    if ioc and cond and cond["observedGeneration"] == ioc["metadata"]["generation"]:
+        return ioc
+    return None
+
+
+def events_for(kube: Kube, ns: str, name: str) -> list[dict[str, Any]]:
+    return [e for e in kube.list("v1", "Event", ns)
+            if e["involvedObject"].get("name") == name
+            and e["involvedObject"].get("kind") == "IOC"]
+
+
+def owned_by(obj: dict[str, Any], ioc: dict[str, Any]) -> bool:
+    return any(ref["uid"] == ioc["metadata"]["uid"] and ref.get("controller")
+               for ref in obj["metadata"].get("ownerReferences") or [])
 
 
 class Operator(OperatorProcess):

@@ -6,49 +6,18 @@ from typing import Any
 
 import pytest
 
-from ioc_operator.kube import Kube, KubeError
+from ioc_operator.kube import KubeError
 
-from support import IOC_API, wait_for
-
-
-def ioc_manifest(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": IOC_API,
-        "kind": "IOC",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {"image": "registry.example/ioc:1", "prefix": f"{name.upper()}:", **spec},
-    }
-
-
-def get_ioc(kube: Kube, ns: str, name: str) -> dict[str, Any] | None:
-    return kube.get(IOC_API, "IOC", ns, name)
-
-
-def condition(ioc: dict[str, Any] | None, ctype: str) -> dict[str, Any] | None:
-    for cond in ((ioc or {}).get("status") or {}).get("conditions") or []:
-        if cond["type"] == ctype:
-            return cond
-    return None
-
-
-def reconciled(kube: Kube, ns: str, name: str) -> dict[str, Any] | None:
-    """The IOC once the operator has handled its current generation."""
-    ioc = get_ioc(kube, ns, name)
-    cond = condition(ioc, "Reconciled")
-    if ioc and cond and cond["observedGeneration"] == ioc["metadata"]["generation"]:
-        return ioc
-    return None
-
-
-def events_for(kube: Kube, ns: str, name: str) -> list[dict[str, Any]]:
-    return [e for e in kube.list("v1", "Event", ns)
-            if e["involvedObject"].get("name") == name
-            and e["involvedObject"].get("kind") == "IOC"]
-
-
-def owned_by(obj: dict[str, Any], ioc: dict[str, Any]) -> bool:
-    return any(ref["uid"] == ioc["metadata"]["uid"] and ref.get("controller")
-               for ref in obj["metadata"].get("ownerReferences") or [])
+from support import (
+    IOC_API,
+    condition,
+    events_for,
+    get_ioc,
+    ioc_manifest,
+    owned_by,
+    reconciled,
+    wait_for,
+)
 
 
 @pytest.mark.parametrize("mode", ["pod", "sidecar", "host"])
@@ -171,6 +140,16 @@ def test_mode_change_prunes_the_service(kube, operator, namespace):
          "an IOC must serve CA or PVA"),
         ({"network": {"mode": "host", "allowedNamespaces": ["ops"]}},
          "allowedNamespaces needs network.mode pod or sidecar"),
+        # oversized input: refused at apply, naming the field
+        ({"description": "x" * 1_000_000}, "spec.description: Too long"),
+        ({"args": ["st.cmd", "x" * 5000]}, "spec.args[1]: Too long"),
+        ({"env": [{"name": f"V{i}", "value": "1"} for i in range(101)]}, "spec.env: Too many"),
+        ({"podLabels": {"k" * 400: "v"}},
+         "spec.podLabels: Invalid value: keys may have at most"),
+        ({"resources": {"limits": {"memory": "9" * 100}}},
+         "spec.resources.limits.memory: Too long"),
+        ({"gateways": {"ca": {"pvlist": "x" * 40000}}, "network": {"mode": "sidecar"}},
+         "spec.gateways.ca.pvlist: Too long"),
     ],
 )
 def test_api_server_rejects_schema_violations(kube, namespace, spec, words):

@@ -250,7 +250,8 @@ def sidecar_gateways(draw: st.DrawFn, ca_on: bool, cagw_on: bool, bridge_on: boo
         _opt(draw, ca, "readOnly", st.booleans())
     _opt(draw, ca, "pvlist", st.sampled_from(
         ["EVALUATION ORDER ALLOW, DENY\n.* ALLOW\n", ".*:SECRET DENY\n"]))
-    if draw(st.booleans()):  # the third distinct port: never one of pvagw's
+    pvagw_ports = (gw.get("internalServerPort", 15075), gw.get("internalBroadcastPort", 15076))
+    if draw(st.booleans()) and internal[2] not in pvagw_ports:  # never one of pvagw's
         ca["internalPort"] = internal[2]
     _opt(draw, ca, "inactiveTimeoutSeconds", st.integers(1, 86400))
     _opt(draw, ca, "resources", resources())
@@ -482,10 +483,17 @@ def _bad_name(draw: st.DrawFn, body: dict[str, Any]) -> str:
     return "bad metadata.name"
 
 
+def _long_name(draw: st.DrawFn, body: dict[str, Any]) -> str:
+    """A name too long for the pod's controller-revision-hash label: the CRD's CEL rule
+    refuses it too."""
+    body["metadata"]["name"] = draw(st.sampled_from(["a" * 53, "b" * 63, "c" * 253]))
+    return "metadata.name over 52 characters"
+
+
 def _unusable_name(draw: st.DrawFn, body: dict[str, Any]) -> str:
-    """A name the API server accepts but the operator cannot build objects from
-    (too long for the pod's controller-revision-hash label, or dotted)."""
-    body["metadata"]["name"] = draw(st.sampled_from(["a" * 53, "b" * 63, "dotted.name"]))
+    """A name the API server accepts but the operator cannot build objects from: a
+    dotted one (a Service name is a DNS label)."""
+    body["metadata"]["name"] = draw(st.sampled_from(["dotted.name", "a.b"]))
     return "metadata.name the operator cannot use"
 
 
@@ -500,7 +508,7 @@ def _on_spec(fn: Any) -> Any:
 MUTATIONS = [(_on_spec(fn), SCHEMA) for fn in (
     _bad_enum, _bad_port, _unknown_field, _bad_prefix, _gateways_outside_sidecar,
     _no_server, _bridge_with_pva, _host_allowed_namespaces, _same_pva_ports,
-    _bad_field_value, _missing_required)] + [(_bad_name, SCHEMA)] + [
+    _bad_field_value, _missing_required)] + [(_bad_name, SCHEMA), (_long_name, SCHEMA)] + [
     (_on_spec(fn), SEMANTIC) for fn in (
         _pcas_outside_host, _classic_requires_name_servers,
         _caproto_requires_name_servers, _gateway_internal_ports)] + [(_unusable_name, SEMANTIC)]
