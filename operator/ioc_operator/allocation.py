@@ -64,22 +64,18 @@ class PortRangeExhausted(ValueError):
 def allocate(me: HostIOC, others: Iterable[HostIOC],
              port_range: tuple[int, int] = DEFAULT_RANGE) -> Allocation:
     neighbours = [o for o in others if o.key != me.key and me.may_share_node(o)]
-    explicit_owner: dict[int, HostIOC] = {}
-    for o in neighbours:
-        for port in o.explicit:
-            if port:
-                explicit_owner.setdefault(port, o)
-
-    clashes = sorted({explicit_owner[p].key for p in me.explicit if p in explicit_owner})
+    mine = {p for p in me.explicit if p}
+    # Every IOC asking for one of our explicit ports, however many ask for the same one.
+    rivals = [o for o in neighbours if mine & {p for p in o.explicit if p}]
+    clashes = sorted({o.key for o in rivals})
     refused = None
-    lost = [explicit_owner[p] for p in me.explicit if p in explicit_owner
-            and explicit_owner[p].older_than(me)]
+    lost = [o for o in rivals if o.older_than(me)]
     if lost:
         taken_by = ", ".join(sorted({o.key for o in lost}))
         refused = f"explicit port(s) already taken on a shared node by the older IOC(s) {taken_by}"
 
     # Ports nobody else may take from us: explicit ones, and older recorded ones.
-    firm = set(explicit_owner)
+    firm = {p for o in neighbours for p in o.explicit if p}
     for o in neighbours:
         if o.older_than(me):
             firm |= o.ports()
@@ -95,7 +91,6 @@ def allocate(me: HostIOC, others: Iterable[HostIOC],
         if kind not in chosen:
             chosen[kind] = _free_port(kind, taken | set(chosen.values()) | set(
                 p for p in me.explicit if p), port_range)
-    mine = {p for p in me.explicit if p}
     evicts = sorted({o.key for o in neighbours
                      if mine & {r for e, r in zip(o.explicit, o.recorded, strict=True)
                                 if r and not e}})

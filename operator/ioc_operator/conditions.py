@@ -39,12 +39,15 @@ def merge_conditions(
 
 
 def transitions(current: list[dict[str, Any]], new: list[Cond]) -> list[Cond]:
-    """Conditions whose status or reason differ from before: each is worth an event."""
+    """Conditions whose status or reason differ from before: each is worth an event,
+    except that conditions changing alike (one reason and message, as Reconciled and
+    Ready do on a refusal) are one event: `kubectl describe` would show it twice."""
     by_type = {c.get("type"): c for c in current}
-    out = []
+    out: list[Cond] = []
     for cond in new:
         old = by_type.get(cond.type)
         if old is None or (old.get("status"), old.get("reason")) != (cond.status_text,
                                                                     cond.reason):
-            out.append(cond)
+            if not any((c.reason, c.message) == (cond.reason, cond.message) for c in out):
+                out.append(cond)
     return out

@@ -6,8 +6,8 @@ import asyncio
 import contextvars
 import datetime
 import functools
-import json
 import logging
+import socket
 import threading
 import uuid
 from collections.abc import Mapping
@@ -18,7 +18,17 @@ import aiohttp
 import kopf
 import urllib3
 
-from . import GROUP, PLURAL, VERSION, credentials, echoes, prefixes, reachability, resync
+from . import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    bookkeeping,
+    credentials,
+    echoes,
+    prefixes,
+    reachability,
+    resync,
+)
 from .allocation import Allocation, allocate, host_ioc, placed
 from .coalesce import Coalescer
 from .conditions import Cond, merge_conditions, transitions
@@ -36,8 +46,6 @@ log = logging.getLogger(__name__)
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 RETRY_DELAY = 5.0
 
-RECHECK_ANNOTATION = f"{GROUP}/recheck-ports"
-
 # One reconcile at a time per IOC: its own handlers and the watches on its children
 # run on different kopf workers.
 _locks = IOCLocks()
@@ -54,7 +62,7 @@ _applied: dict[str, str] = {}
 # O(IOCs) to compute, so an unchanged IOC does not recompute it (O(n^2) at a cold start).
 _published: dict[str, dict[str, str]] = {}
 # IOC uid -> the inputs its kopf handler last reconciled (see ioc_changed).
-_handled: dict[str, tuple[int, str, str]] = {}
+_handled: dict[str, bookkeeping.Inputs] = {}
 # IOC uid -> marks of the objects its last reconcile applied (see echoes.py).
 _written: dict[str, dict[str, echoes.Mark]] = {}
 # IOC uid -> what the operator last wrote of its status, shaped like an `ioc_states`
@@ -102,16 +110,20 @@ async def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.AiohttpSessio
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, client_envs: kopf.Index,
-                  **_: Any) -> None:
+                  port_clash_parties: kopf.Index, **_: Any) -> None:
     # Our condition changes post their own events (kopf.event, any level). kopf's INFO
     # logs ("Handler ... succeeded") would add an Event POST per reconcile: warnings only.
     settings.posting.level = logging.WARNING
+    # Events are the operator's (kubectl describe's "From"), its instance the pod's name.
+    settings.posting.reporting_component = MANAGED_BY
+    settings.posting.reporting_instance = socket.gethostname()
+    settings.posting.event_name_prefix = f"{MANAGED_BY}-"
+    # Handler progress: annotations only while a handler is retried, none after.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
         prefix="kopf.epics-operator.io"
     )
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="kopf.epics-operator.io", key="last-handled-configuration"
-    )
+    # kopf's diff base: a short mark the operator writes with the status (bookkeeping.py).
+    settings.persistence.diffbase_storage = bookkeeping.StatusMark()
     # Nothing needs a finalizer now (probes are our own tasks, not kopf daemons); kopf
     # removes this one, which earlier versions put on probed IOCs, as it sees them.
     settings.persistence.finalizer = f"{GROUP}/operator"
@@ -137,7 +149,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, client_envs:
                                 memo.publisher_thread, PUBLISH_DUTY)
     memo.gone = resync.Tombstones()  # IOCs deleted unseen: their index entries are stale
     memo.prober = reachability.Prober(functools.partial(_write_reachability, memo))
-    memo.resync_task = asyncio.create_task(_resync_forever(memo, client_envs))
+    memo.resync_task = asyncio.create_task(_resync_forever(memo, client_envs,
+                                                           port_clash_parties))
 
 
 @kopf.on.cleanup()
@@ -147,7 +160,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     memo.publisher_thread.shutdown(wait=False, cancel_futures=True)
 
 
-async def _resync_forever(memo: kopf.Memo, client_envs: kopf.Index) -> None:
+async def _resync_forever(memo: kopf.Memo, client_envs: kopf.Index,
+                          port_clash_parties: kopf.Index) -> None:
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(memo.config.resync_seconds)
@@ -157,6 +171,9 @@ async def _resync_forever(memo: kopf.Memo, client_envs: kopf.Index) -> None:
             gone = await loop.run_in_executor(None, _resync, memo, indexed)
             for uid in gone:
                 memo.prober.forget(uid)
+            keys = {indexed[uid] for uid in gone}
+            if waiting := _clash_parties(port_clash_parties, keys):
+                await _in_thread(memo, _recheck, memo, waiting, None)
             for namespace in sorted({indexed[uid].split("/", 1)[0] for uid in gone}):
                 await memo.publishing.run(namespace)
         except (KubeError, urllib3.exceptions.HTTPError, OSError) as exc:
@@ -233,7 +250,9 @@ def _run(body: dict[str, Any], memo: kopf.Memo, host_iocs: kopf.Index,
         try:
             outcome = reconcile(memo.kube, body, memo.config, _allocator(memo, host_iocs),
                                 _applied, owner, _written.setdefault(uid, {}))
-            _write_status(memo, body, outcome.status, outcome.conditions)
+            # kopf's bookkeeping goes in the same write as the outcome (bookkeeping.py).
+            status = {**outcome.status, bookkeeping.FIELD: bookkeeping.mark(body)}
+            _write_status(memo, body, status, outcome.conditions)
         except KubeError as exc:
             raise kopf.TemporaryError(f"API error, retrying: {exc}", delay=RETRY_DELAY) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:  # API server unreachable
@@ -247,20 +266,23 @@ def _run(body: dict[str, Any], memo: kopf.Memo, host_iocs: kopf.Index,
         _recheck(memo, sorted(recheck), body)
 
 
-def _recheck(memo: kopf.Memo, keys: list[str], body: dict[str, Any]) -> None:
+def _recheck(memo: kopf.Memo, keys: list[str], body: dict[str, Any] | None) -> None:
     """Make the other side of a port clash reconcile too, so both report it (and both
-    clear it). An annotation change is an update kopf hands to that IOC's handler."""
-    me = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
+    clear it). An annotation change is an update kopf hands to that IOC's handler.
+    `body`: the IOC that asks (None: the resync, for IOCs deleted unseen)."""
+    me = f"{body['metadata']['namespace']}/{body['metadata']['name']}" if body else "resync"
     for key in keys:
         namespace, name = key.split("/", 1)
         url = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
         # A fresh token each time: an unchanged value would be no update at all.
-        patch = {"metadata": {"annotations": {RECHECK_ANNOTATION: f"{me} {uuid.uuid4().hex}"}}}
+        patch = {"metadata": {"annotations": {
+            bookkeeping.RECHECK_ANNOTATION: f"{me} {uuid.uuid4().hex}"}}}
         try:
             memo.kube.request("PATCH", url, body=patch,
                               content_type="application/merge-patch+json")
         except KubeError as exc:
-            log.warning("could not ask IOC %s to recheck its ports: %s", key, exc)
+            if exc.status != 404:  # gone: nothing left to recheck
+                log.warning("could not ask IOC %s to recheck its ports: %s", key, exc)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -268,25 +290,16 @@ def _recheck(memo: kopf.Memo, keys: list[str], body: dict[str, Any]) -> None:
 @kopf.on.update(GROUP, VERSION, PLURAL)
 def ioc_changed(body: kopf.Body, memo: kopf.Memo, host_iocs: kopf.Index,
                 ioc_prefixes: kopf.Index, logger: Any, **_: Any) -> None:
-    uid, seen = body["metadata"]["uid"], _inputs(body)
+    uid, seen = body["metadata"]["uid"], bookkeeping.inputs(body)
     last = _handled.get(uid)
     if last is not None and (last[0] > seen[0] or last == seen):
         # A stale event: under load the watch can deliver an IOC's events a minute late,
-        # after kopf stopped waiting for its own patch, and kopf takes one without its
-        # annotation for a creation. Reconciling it would re-apply an older spec.
+        # and kopf takes one whose status lacks the newer mark (bookkeeping.py) for a
+        # change. Reconciling it would re-apply an older spec.
         logger.debug("generation %s already reconciled: nothing to do", seen[0])
         return
     _run(dict(body), memo, host_iocs, ioc_prefixes)
     _handled[uid] = seen
-
-
-def _inputs(body: kopf.Body) -> tuple[int, str, str]:
-    """What a reconcile depends on besides the spec (which the generation stands for):
-    the labels the objects inherit and the recheck annotation other IOCs set."""
-    meta = body["metadata"]
-    notes = meta.get("annotations") or {}
-    return (int(meta.get("generation") or 0), json.dumps(meta.get("labels") or {},
-            sort_keys=True), notes.get(RECHECK_ANNOTATION, ""))
 
 
 def _owner_ioc(body: kopf.Body) -> tuple[str, str] | None:
@@ -418,6 +431,20 @@ async def host_iocs(body: kopf.Body, spec: kopf.Spec, **_: Any) -> dict[str, Any
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
+async def port_clash_parties(namespace: str, name: str, status: kopf.Status,
+                             **_: Any) -> dict[str, str] | None:
+    """IOCs by the IOCs their explicit host ports clash with (status.portClashes). When
+    one of those is deleted nothing else reconciles them: a refused IOC would stay
+    refused, an older one would keep naming the deleted IOC."""
+    return {key: f"{namespace}/{name}" for key in status.get("portClashes") or []} or None
+
+
+def _clash_parties(index: kopf.Index, gone: set[str]) -> list[str]:
+    """The IOCs whose port clash names one of the `gone` IOCs."""
+    return sorted({party for key in gone for party in index.get(key, [])} - gone)
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
 async def ioc_states(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Any, Any]:
     """What `_nothing_to_do` reads of each IOC, so most child events need no API call."""
     return {(namespace, name): _state(body["metadata"].get("generation"),
@@ -479,11 +506,12 @@ def _publish(memo: kopf.Memo, index: kopf.Index, namespace: str) -> bool:
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def ioc_event(event: kopf.RawEvent, body: kopf.Body, namespace: str, name: str,
                     uid: str, spec: kopf.Spec, status: kopf.Status, memo: kopf.Memo,
-                    client_envs: kopf.Index, ioc_prefixes: kopf.Index, **_: Any) -> None:
+                    client_envs: kopf.Index, ioc_prefixes: kopf.Index,
+                    port_clash_parties: kopf.Index, **_: Any) -> None:
     """Any IOC change (status included) or deletion: refresh its namespace's directory,
     release its host ports once it is gone or no longer in host mode, and let IOCs
-    refused for its prefix try again once it gave the prefix up. Most IOC events change
-    none of that and end here on the event loop; only API writes go to a thread."""
+    refused for its prefix or ports try again once it gave them up. Most IOC events
+    change none of that and end here on the event loop; only API writes go to a thread."""
     freed = [n for n in prefixes.freed(_prefix_holders(memo, ioc_prefixes, namespace))
              if n != name]
     if freed:
@@ -495,6 +523,9 @@ async def ioc_event(event: kopf.RawEvent, body: kopf.Body, namespace: str, name:
     if deleted or (spec.get("network") or {}).get("mode") != "host":
         with _claims_lock:
             _claims.pop(f"{namespace}/{name}", None)
+    # (A port clash with a changed IOC is rechecked by that IOC's own reconcile.)
+    if deleted and (waiting := _clash_parties(port_clash_parties, {f"{namespace}/{name}"})):
+        await _in_thread(memo, _recheck, memo, waiting, dict(body))
     env = dict(status.get("clientEnv") or {})
     if not deleted and _published.get(uid) == env:
         return

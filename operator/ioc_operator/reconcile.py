@@ -65,19 +65,20 @@ def reconcile(kube: Kube, body: dict[str, Any], config: OperatorConfig,
     try:
         ioc = parse_ioc(body)
         if prefix_taken_by:
-            return _refused(prefixes.REASON, (
+            return _refused(kube, body, prefixes.REASON, (
                 f"spec.prefix: {ioc.spec.prefix!r} is also the prefix of the older IOC "
                 f"{prefix_taken_by} in this namespace; clients would find its PVs twice"))
         if ioc.spec.network.mode == NetworkMode.HOST and allocator:
             allocation = allocator(ioc, body)
             if allocation.refused:
-                return _refused("PortConflict", f"spec.network.ports: {allocation.refused}",
+                return _refused(kube, body, "PortConflict",
+                                f"spec.network.ports: {allocation.refused}",
                                 allocation.clashes)
         objects = render(ioc, config, allocation.ports if allocation else None)
     except IOCValidationError as exc:
-        return _refused("InvalidSpec", str(exc))
+        return _refused(kube, body, "InvalidSpec", str(exc))
     except PortRangeExhausted as exc:
-        return _refused("PortRangeExhausted", str(exc))
+        return _refused(kube, body, "PortRangeExhausted", str(exc))
 
     # Dry-run everything first, so an object the API server refuses (a bad affinity, an
     # immutable field) leaves every object as it was: nothing half-applied. Objects
@@ -92,7 +93,7 @@ def reconcile(kube: Kube, body: dict[str, Any], config: OperatorConfig,
             if not exc.invalid:
                 raise
             where = f"{obj['kind']} {obj['metadata']['name']}"
-            return _refused("Rejected", f"{where}: {exc.message}")
+            return _refused(kube, body, "Rejected", f"{where}: {exc.message}")
         if patch:
             reclaim[_key(obj)] = patch
 
@@ -153,14 +154,34 @@ def _digest(objects: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()
 
 
-def _refused(reason: str, message: str, clashes: tuple[str, ...] = ()) -> Outcome:
-    """Keep what runs; say why the new spec was not applied."""
-    conds = [
-        Cond("Reconciled", False, reason, message),
-        Cond("Ready", False, reason, f"{message} (the last applied configuration keeps running)"),
-    ]
+def _refused(kube: Kube, body: dict[str, Any], reason: str, message: str,
+             clashes: tuple[str, ...] = ()) -> Outcome:
+    """Keep what runs; say why the new spec was not applied and what runs instead. Both
+    conditions say the same, so the refusal is one event."""
+    meta = body.get("metadata", {})
+    sts = kube.get("apps/v1", "StatefulSet", meta.get("namespace"), meta.get("name", ""))
+    applied = (body.get("status") or {}).get("observedGeneration")
+    text = f"{message} ({what_runs(sts, meta.get('uid'), applied)})"
+    conds = [Cond("Reconciled", False, reason, text), Cond("Ready", False, reason, text)]
     return Outcome(status={"portClashes": list(clashes) or None}, conditions=conds,
                    clashes=clashes)
+
+
+def what_runs(sts: dict[str, Any] | None, uid: str | None, applied: int | None) -> str:
+    """What keeps running while a new spec is refused, as the IOC's StatefulSet shows
+    it. `applied`: the generation last applied (status.observedGeneration)."""
+    meta = (sts or {}).get("metadata") or {}
+    ours = any(ref.get("uid") == uid and ref.get("controller")
+               for ref in meta.get("ownerReferences") or [])
+    if sts is None or not ours or meta.get("deletionTimestamp"):
+        if applied is None:
+            return "nothing runs: no configuration of this IOC has been applied yet"
+        return "the IOC does not run: its StatefulSet is gone"
+    which = f"the last applied configuration (generation {applied})" if applied else (
+        "the last applied configuration")
+    if (sts.get("spec") or {}).get("replicas") == 0:
+        return f"{which} stays in place, suspended"
+    return f"{which} keeps running"
 
 
 def _prune(kube: Kube, ioc: IOC, keep: list[dict[str, Any]]) -> None:

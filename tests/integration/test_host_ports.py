@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ioc_operator.kube import Kube
@@ -95,3 +96,41 @@ def test_explicit_port_clash_is_reported_on_both(kube, operator, namespace):
     wait_for("second applied", lambda: ports_of(kube, namespace, "second"))
     wait_for("first cleared", lambda: (c := condition(
         kube, namespace, "first", "PortConflict")) and c["status"] == "False")
+
+
+def test_a_port_clash_clears_as_soon_as_the_other_ioc_is_deleted(kube, operator, namespace):
+    """Nothing else reconciles the other side of a clash when one IOC is deleted: the
+    refused IOC stayed refused, naming the deleted one, until someone edited it."""
+    node = f"r-{namespace}"
+    kube.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node},
+                 "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.33"}]}})
+    # created in one second: the name decides which is older (first, second, third)
+    for name in ("first", "second", "third"):
+        kube.create(host_ioc(name, namespace, node, ports={"ca": 5910}))
+        wait_for(f"{name} reconciled", lambda n=name: condition(kube, namespace, n, "Reconciled"))
+    for name in ("second", "third"):
+        assert condition(kube, namespace, name, "Reconciled")["reason"] == "PortConflict"
+    assert "first" in condition(kube, namespace, "second", "Reconciled")["message"]
+    wait_for("first told of both", lambda: all(n in (condition(
+        kube, namespace, "first", "PortConflict") or {}).get("message", "")
+        for n in ("second", "third")))
+
+    # a refused IOC goes: the holder stops naming it at once
+    kube.delete(IOC_API, "IOC", namespace, "third")
+    start = time.monotonic()
+    wait_for("first forgets third", lambda: "third" not in (
+        condition(kube, namespace, "first", "PortConflict") or {}).get("message", "third"))
+    assert time.monotonic() - start < 2.0
+    assert "second" in condition(kube, namespace, "first", "PortConflict")["message"]
+
+    # the holder goes: the next IOC runs on the port at once, and nobody names first
+    kube.delete(IOC_API, "IOC", namespace, "first")
+    start = time.monotonic()
+    wait_for("second applied", lambda: condition(
+        kube, namespace, "second", "Reconciled")["reason"] == "Applied")
+    assert time.monotonic() - start < 2.0  # the issue's "within a second", with slack
+    assert ports_of(kube, namespace, "second")[0] == 5910
+    assert kube.get("apps/v1", "StatefulSet", namespace, "second")
+    status = kube.get(IOC_API, "IOC", namespace, "second")["status"]
+    assert not status.get("portClashes")
+    assert condition(kube, namespace, "second", "PortConflict")["status"] == "False"

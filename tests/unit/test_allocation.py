@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from ioc_operator.allocation import HostIOC, PortRangeExhausted, allocate
@@ -57,6 +59,21 @@ def test_explicit_clash_reported_on_both_older_keeps_the_port():
     assert a_old.clashes == ("ns/new",) and a_old.refused is None
     assert a_new.clashes == ("ns/old",)
     assert "ns/old" in a_new.refused
+
+
+def test_three_iocs_asking_for_one_port_whatever_order_the_index_lists_them():
+    """Only the oldest runs, and it names both others. (Each port had one owner, the
+    first listed: the middle IOC ran beside the oldest when the youngest came first.)"""
+    iocs = [HostIOC(f"ns/{n}", "n1", explicit=(5910, None, None), created="1")
+            for n in ("a", "b", "c")]
+    for order in itertools.permutations(iocs):
+        for me in order:
+            others = [o for o in order if o is not me]
+            allocation = allocate(me, others)
+            assert allocation.clashes == tuple(o.key for o in iocs if o is not me)
+            assert (allocation.refused is None) == (me.key == "ns/a"), (me.key, order)
+            if me.key == "ns/c":
+                assert "ns/a, ns/b" in allocation.refused
 
 
 def test_partial_explicit_ports():
