@@ -10,6 +10,8 @@ it must leave nothing behind.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,11 +22,20 @@ from ioc_testbed.cluster import Cluster, ClusterError
 from ioc_testbed.helm import Helm, build_helm
 from ioc_testbed.waiting import wait_for
 
-from support import CHART, OPERATOR_NS, REPO, ClientPod, Kubectl, condition, examples
-
-EXAMPLES_NS = "e2e-examples"
-HOST_NODE = "beamline-01"
-AUTOSAVE_PV = "e2e-autosave-bl01"
+from support import (
+    AUTOSAVE_PV,
+    CHART,
+    EXAMPLES_NS,
+    HOST_NODE,
+    NAME_SERVICE_IP,
+    OPERATOR_NS,
+    PER_IOC_DIRECTORY,
+    REPO,
+    ClientPod,
+    Kubectl,
+    condition,
+    examples,
+)
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +77,8 @@ def operator(kubectl: Kubectl, helm: Helm) -> str:
     """The chart installed as a new user would: the operator runs as a pod."""
     helm("upgrade", "--install", "ioc-operator", str(CHART), "--namespace", OPERATOR_NS,
          "--create-namespace", "--kubeconfig", str(kubectl.kubeconfig), "--wait",
-         "--timeout", "180s", timeout=240)
+         "--set", f"nameService.clusterIP={NAME_SERVICE_IP}", "--timeout", "180s",
+         timeout=240)
     kubectl("-n", OPERATOR_NS, "rollout", "status", "deployment/ioc-operator",
             "--timeout=120s", timeout=150)
     return OPERATOR_NS
@@ -110,16 +122,45 @@ def example_iocs(kubectl: Kubectl, operator: str) -> dict[str, dict[str, Any]]:
     return iocs
 
 
-@pytest.fixture(scope="session")
-def client(kubectl: Kubectl, example_iocs: dict[str, dict[str, Any]]) -> ClientPod:
-    """A client pod on the other node, started once the directory lists every IOC."""
-    def complete() -> bool:
-        cm = kubectl.get("configmap", "epics-client-env", EXAMPLES_NS) or {}
-        data = cm.get("data") or {}
-        listed = data.get("EPICS_CA_ADDR_LIST", "") + " " + data.get("EPICS_PVA_ADDR_LIST", "")
-        wanted = [a for i in example_iocs.values()
-                  for a in (i.get("status", {}).get("endpoints") or {}).values()]
-        return all(a.rsplit(":", 1)[0] in listed for a in wanted)
+def per_ioc_directory(kubectl: Kubectl, iocs: dict[str, dict[str, Any]]) -> str:
+    """The per-IOC lists (`ioc-operator client-env --per-ioc`) as a ConfigMap, for the
+    sites that publish those instead of the name service."""
+    env = subprocess.run(
+        [sys.executable, "-m", "ioc_operator.cli", "client-env", "--per-ioc", "--format",
+         "env", "-n", EXAMPLES_NS, "--kubeconfig", str(kubectl.kubeconfig)],
+        capture_output=True, text=True, timeout=60, check=True,
+        stdin=subprocess.DEVNULL).stdout
+    data = dict(line.split("=", 1) for line in env.splitlines() if "=" in line)
+    listed = data.get("EPICS_CA_ADDR_LIST", "") + " " + data.get("EPICS_PVA_ADDR_LIST", "")
+    for name, ioc in iocs.items():
+        for address in (ioc.get("status", {}).get("endpoints") or {}).values():
+            assert address.rsplit(":", 1)[0] in listed, (name, address, data)
+    kubectl.apply([{"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": PER_IOC_DIRECTORY, "namespace": EXAMPLES_NS},
+                    "data": data}])
+    return PER_IOC_DIRECTORY
 
-    wait_for("the directory to list every example IOC", complete, timeout=30)
-    return ClientPod(kubectl, EXAMPLES_NS, node="beamline-02").create()
+
+@pytest.fixture(scope="session", params=["name-service", "per-ioc"])
+def client(request: pytest.FixtureRequest, kubectl: Kubectl,
+           example_iocs: dict[str, dict[str, Any]]) -> ClientPod:
+    """A client pod on the other node than the host-mode IOCs whose only EPICS settings
+    are one directory: the operator's (the name service: the chart's default) or the
+    per-IOC lists."""
+    if request.param == "name-service":
+        directory = "epics-client-env"
+        wait_for("the directory naming the name service", lambda: NAME_SERVICE_IP in str(
+            (kubectl.get("configmap", directory, EXAMPLES_NS) or {}).get("data")), 30)
+    else:
+        directory = per_ioc_directory(kubectl, example_iocs)
+    return ClientPod(kubectl, EXAMPLES_NS, name=f"client-{request.param}",
+                     node="beamline-02").create(directory)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "last: run after every other e2e test (it "
+                            "upgrades and then uninstalls the chart the others use)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)

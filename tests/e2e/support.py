@@ -20,6 +20,13 @@ CHART = REPO / "charts" / "ioc-operator"
 CLIENT_IMAGE = "ghcr.io/epics-operator/example-ioc:0.1.0"  # has pyepics, caproto, p4p
 CLIENT_SCRIPT = "/epics/example/client.py"
 OPERATOR_NS = "ioc-system"
+EXAMPLES_NS = "e2e-examples"
+HOST_NODE = "beamline-01"
+AUTOSAVE_PV = "e2e-autosave-bl01"
+# The name service's pinned ClusterIP (nameService.clusterIP): the test bed has no
+# cluster DNS, and a pinned address is what a site publishes to clients anyway.
+NAME_SERVICE_IP = "198.19.0.53"
+PER_IOC_DIRECTORY = "epics-client-env-per-ioc"
 
 
 @dataclass

@@ -11,9 +11,15 @@ from typing import Any
 
 import pytest
 
-from support import ClientPod, Kubectl, condition, protocols
-
-from conftest import EXAMPLES_NS, HOST_NODE
+from support import (
+    EXAMPLES_NS,
+    HOST_NODE,
+    NAME_SERVICE_IP,
+    ClientPod,
+    Kubectl,
+    condition,
+    protocols,
+)
 
 LIBS = {"ca": ("pyepics", "caproto"), "pva": ("p4p",)}
 OPS = ("get", "put", "monitor")
@@ -37,7 +43,7 @@ def matrix(client: ClientPod, example_iocs: dict[str, dict[str, Any]]
                 for pv, name in pvs.items():
                     cells[(name, lib, op)] = by_pv.get(pv) or {"ok": False,
                                                                "error": result.get("error")}
-    print("\n" + format_matrix(cells))
+    print(f"\n{client.name}:\n" + format_matrix(cells))
     return cells
 
 
@@ -86,6 +92,9 @@ def test_the_client_pod_knows_only_the_directory(client: ClientPod) -> None:
     assert env["EPICS_CA_AUTO_ADDR_LIST"] == "NO"
     assert env["EPICS_PVA_AUTO_ADDR_LIST"] == "NO"
     assert env["EPICS_CA_ADDR_LIST"] and env["EPICS_PVA_ADDR_LIST"]
+    if client.name == "client-name-service":  # one address for everything
+        assert {v.split(":")[0] for k, v in env.items() if k.endswith(
+            ("_ADDR_LIST", "_NAME_SERVERS")) and "_AUTO_" not in k} == {NAME_SERVICE_IP}
 
 
 @pytest.mark.parametrize("op", OPS)
