@@ -46,8 +46,9 @@ def transitions(current: list[dict[str, Any]], new: list[Cond]) -> list[Cond]:
     out: list[Cond] = []
     for cond in new:
         old = by_type.get(cond.type)
-        if old is None or (old.get("status"), old.get("reason")) != (cond.status_text,
-                                                                    cond.reason):
-            if not any((c.reason, c.message) == (cond.reason, cond.message) for c in out):
-                out.append(cond)
+        changed = old is None or (old.get("status"), old.get("reason")) != (
+            cond.status_text, cond.reason)
+        told = any((c.reason, c.message) == (cond.reason, cond.message) for c in out)
+        if changed and not told:
+            out.append(cond)
     return out

@@ -159,21 +159,23 @@ def _refused(kube: Kube, body: dict[str, Any], reason: str, message: str,
     """Keep what runs; say why the new spec was not applied and what runs instead. Both
     conditions say the same, so the refusal is one event."""
     meta = body.get("metadata", {})
-    sts = kube.get("apps/v1", "StatefulSet", meta.get("namespace"), meta.get("name", ""))
+    # A list, as elsewhere: the operator's RBAC grants no get on StatefulSets.
+    found = kube.list("apps/v1", "StatefulSet", meta.get("namespace"),
+                      f"{names.IOC_LABEL}={meta.get('name', '')}")
     applied = (body.get("status") or {}).get("observedGeneration")
-    text = f"{message} ({what_runs(sts, meta.get('uid'), applied)})"
+    text = f"{message} ({what_runs(found, meta.get('uid'), applied)})"
     conds = [Cond("Reconciled", False, reason, text), Cond("Ready", False, reason, text)]
     return Outcome(status={"portClashes": list(clashes) or None}, conditions=conds,
                    clashes=clashes)
 
 
-def what_runs(sts: dict[str, Any] | None, uid: str | None, applied: int | None) -> str:
-    """What keeps running while a new spec is refused, as the IOC's StatefulSet shows
-    it. `applied`: the generation last applied (status.observedGeneration)."""
-    meta = (sts or {}).get("metadata") or {}
-    ours = any(ref.get("uid") == uid and ref.get("controller")
-               for ref in meta.get("ownerReferences") or [])
-    if sts is None or not ours or meta.get("deletionTimestamp"):
+def what_runs(statefulsets: list[dict[str, Any]], uid: str | None,
+              applied: int | None) -> str:
+    """What keeps running while a new spec is refused, as the IOC's StatefulSet (among
+    `statefulsets`) shows it. `applied`: the generation last applied (observedGeneration)."""
+    sts = next((s for s in statefulsets if _controlled_by(s, uid)
+                and not s["metadata"].get("deletionTimestamp")), None)
+    if sts is None:
         if applied is None:
             return "nothing runs: no configuration of this IOC has been applied yet"
         return "the IOC does not run: its StatefulSet is gone"
@@ -184,6 +186,11 @@ def what_runs(sts: dict[str, Any] | None, uid: str | None, applied: int | None) 
     return f"{which} keeps running"
 
 
+def _controlled_by(obj: dict[str, Any], uid: str | None) -> bool:
+    return any(ref.get("uid") == uid and ref.get("controller")
+               for ref in obj["metadata"].get("ownerReferences") or [])
+
+
 def _prune(kube: Kube, ioc: IOC, keep: list[dict[str, Any]]) -> None:
     """Delete objects this IOC rendered before but no longer does (e.g. its Service
     after a switch to host mode). Only objects whose controller is this IOC."""
@@ -192,9 +199,7 @@ def _prune(kube: Kube, ioc: IOC, keep: list[dict[str, Any]]) -> None:
     for api_version, kind in PRUNABLE:
         for item in kube.list(api_version, kind, ioc.metadata.namespace, selector):
             item_meta = item["metadata"]
-            owners = item_meta.get("ownerReferences") or []
-            ours = any(o.get("uid") == ioc.metadata.uid and o.get("controller") for o in owners)
-            if ours and (kind, item_meta["name"]) not in wanted:
+            if _controlled_by(item, ioc.metadata.uid) and (kind, item_meta["name"]) not in wanted:
                 log.info("pruning %s %s", kind, item_meta["name"])
                 kube.delete(api_version, kind, ioc.metadata.namespace, item_meta["name"],
                             uid=item_meta.get("uid"))

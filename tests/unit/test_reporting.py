@@ -16,15 +16,16 @@ from ioc_operator.reconcile import reconcile
 
 
 class OneStatefulSet:
-    """A Kube that knows one StatefulSet (or none) and refuses anything else."""
+    """A Kube that lists one StatefulSet (or none) and refuses anything else."""
 
     def __init__(self, sts: dict[str, Any] | None) -> None:
         self.sts = sts
 
-    def get(self, api_version: str, kind: str, namespace: str | None,
-            name: str) -> dict[str, Any] | None:
+    def list(self, api_version: str, kind: str, namespace: str | None,
+             label_selector: str | None = None) -> list[dict[str, Any]]:
         assert (api_version, kind) == ("apps/v1", "StatefulSet")
-        return self.sts
+        assert label_selector == "epics-operator.io/ioc=bl01"
+        return [self.sts] if self.sts else []
 
 
 def invalid_ioc(observed_generation: int | None = None) -> dict[str, Any]:
