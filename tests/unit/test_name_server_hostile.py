@@ -287,7 +287,7 @@ def test_100000_names_in_one_message_keep_every_table_bounded(loop):
 
 def test_a_client_that_never_reads_is_paused_then_its_answers_dropped(loop):
     server = make_server(loop)
-    server.resolver.positive["ca"]["A:hot"] = server.table.get("ns/a")  # type: ignore[assignment]
+    server.resolver.remember("ca", "A:hot", server.table.get("ns/a"))  # type: ignore[arg-type]
     circuit = srv.CaCircuit(server)
     transport = Transport(buffered=srv.WRITE_HARD + 1)
     circuit.connection_made(transport)
@@ -302,7 +302,7 @@ def test_a_client_that_never_reads_is_paused_then_its_answers_dropped(loop):
 
 def test_answers_go_to_the_sender_never_to_an_address_in_the_payload(loop):
     server = make_server(loop)
-    server.resolver.positive["pva"]["A:x"] = server.table.get("ns/a")  # type: ignore[assignment]
+    server.resolver.remember("pva", "A:x", server.table.get("ns/a"))  # type: ignore[arg-type]
     message = bytearray(pva.encode_search(3, [(5, "A:x")], 41000, big_endian=True))
     message[8 + 8:8 + 24] = pva.encode_address("198.18.99.99")  # someone else
     udp = srv.PvaUdp(server)

@@ -333,3 +333,45 @@ def test_ioc_objects_status_becomes_an_entry():
     assert entry is not None and not entry.external and not entry.ready
     del obj["status"]["endpoints"]
     assert ioc_from_object(obj) is None
+
+
+def test_an_old_answer_is_given_at_once_and_confirmed_again_in_the_background():
+    table, resolver, probes, clock = make(ioc("ns/a", "A:"), revalidate_after=5.0)
+    resolver.resolve(CA, "A:x", Client("c"))
+    confirm(resolver, table, CA, "A:x", "ns/a")
+    clock.now += 1
+    assert resolver.cached(CA, "A:x") is table.get("ns/a") and len(probes.sent) == 1
+    clock.now += 5  # old now: answered, and asked again (once)
+    assert resolver.cached(CA, "A:x") is table.get("ns/a")
+    assert resolver.cached(CA, "A:x") is table.get("ns/a")
+    assert probes.sent[1:] == [(CA, "ns/a", "A:x")]
+    confirm(resolver, table, CA, "A:x", "ns/a", found=True)
+    assert resolver.cached(CA, "A:x") is not None and len(probes.sent) == 2
+    clock.now += 6  # the IOC restarted without the record (or its pod is gone)
+    assert resolver.cached(CA, "A:x") is not None
+    confirm(resolver, table, CA, "A:x", "ns/a", found=None)
+    assert resolver.cached(CA, "A:x") is None and resolver.stats["revoked"] == 1
+
+
+def test_one_client_flooding_names_does_not_starve_another():
+    _table, resolver, _probes, _ = make(ioc("ns/a", "A:"), client_rate=10.0, client_burst=100.0)
+    for n in range(1000):
+        resolver.resolve(CA, f"A:junk{n}", Client(("flood", n)), client="198.18.17.66")
+    assert len(resolver.lookups) == 100 and resolver.stats["throttled"] == 900
+    resolver.resolve(CA, "A:wanted", Client("ok"), client="198.18.17.2")
+    assert (CA, "A:wanted") in resolver.lookups
+
+
+def test_fanouts_hold_at_most_a_quarter_of_the_lookups_and_go_after_prefix_lookups():
+    _table, resolver, probes, clock = make(ioc("ns/a", "A:"), ioc("ns/b", "B:"),
+                                          max_lookups=40, probe_rate=100.0,
+                                          probe_burst=10.0)
+    for n in range(30):
+        resolver.resolve(CA, f"nomatch{n}", Client(n))
+    assert sum(lk.fanout for lk in resolver.lookups.values()) == 10  # 40 // 4
+    assert resolver.stats["dropped_fanout"] == 20
+    sent = len(probes.sent)
+    resolver.resolve(CA, "A:wanted", Client("w"))  # no tokens left: it waits ...
+    clock.now += 0.02  # ... two tokens later it goes first, before the waiting fan-outs
+    resolver.tick()
+    assert probes.sent[sent:] == [(CA, "ns/a", "A:wanted")]

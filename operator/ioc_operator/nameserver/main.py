@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-ttl", type=_positive, default=limits.negative_ttl,
                    metavar="S", help=f"how long a name nobody has is not looked for again "
                                      f"({limits.negative_ttl})")
+    p.add_argument("--revalidate-after", type=_positive, default=limits.revalidate_after,
+                   metavar="S", help=f"a cached answer older than this is confirmed again "
+                                     f"with the IOC when a client asks for it "
+                                     f"({limits.revalidate_after})")
     p.add_argument("--park-ttl", type=_positive, default=limits.park_ttl, metavar="S",
                    help=f"how long clients waiting for a name are remembered, to be "
                         f"answered when an IOC confirms it ({limits.park_ttl:.0f})")
@@ -116,7 +120,7 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
     limits = Limits(cache_size=args.cache_size, negative_ttl=args.negative_ttl,
                     park_ttl=args.park_ttl, max_parked=args.max_waiting,
                     retry_max=max(args.retry_max, base.retry_first),
-                    probe_rate=args.probe_rate,
+                    probe_rate=args.probe_rate, revalidate_after=args.revalidate_after,
                     probe_burst=max(base.probe_burst, args.probe_rate / 4))
     return ServerConfig(hosts=args.listen or ["0.0.0.0"], ca_port=args.ca_port,
                         pva_port=args.pva_port, pva_udp_port=args.pva_udp_port,

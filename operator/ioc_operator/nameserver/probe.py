@@ -7,6 +7,13 @@ and classic PVA servers cannot answer it). The searches ask for a reply either w
 silent IOC costs the timeout. Names asked of one IOC in the same loop iteration share
 datagrams. Each IOC's answer is reported to the resolver; no answer after a few tries
 counts as "does not have it".
+
+Searches leave from a few sockets in turn. Where two processes share an IOC's UDP port
+(in sidecar mode the IOC's own pvxs client listens on 5076 next to pvagw's server), the
+kernel hands each datagram to one of them by a hash of the addresses and ports: from a
+single source port every search would land on the same socket, perhaps the one that
+never answers (measured: about half of all source ports). A retry leaves from another
+source port, and the one an IOC last answered on is used first next time.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ __all__ = ["UdpProber"]
 log = logging.getLogger("ioc_name_server.probe")
 
 Result = Callable[[str, str, IOC, "bool | None"], None]  # proto, name, ioc, found
+SOCKETS = 8  # per protocol, used in turn
 
 
 class _Probe:
@@ -44,8 +52,9 @@ class _Probe:
 
 
 class _Socket(asyncio.DatagramProtocol):
-    def __init__(self, on_datagram: Callable[[bytes, tuple[str, int]], None]) -> None:
+    def __init__(self, on_datagram: Callable[[bytes, int], None], index: int) -> None:
         self.on_datagram = on_datagram
+        self.index = index
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -53,7 +62,7 @@ class _Socket(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         try:
-            self.on_datagram(data, addr)
+            self.on_datagram(data, self.index)
         except Exception:  # an IOC's reply we cannot read must not stop the others
             log.exception("confirmation reply from %s:%d", *addr[:2])
 
@@ -83,25 +92,30 @@ class UdpProber:
         self._due: deque[_Probe] = deque()  # in send order, so deadlines are in order
         self._queue: dict[tuple[str, IOC], list[_Probe]] = {}
         self._flush_scheduled = False
-        self._sockets: dict[str, _Socket] = {}
+        self._sockets: dict[str, list[_Socket]] = {CA: [], PVA: []}
+        self._turn = itertools.count()
+        self._answered_on: dict[tuple[str, IOC], int] = {}  # socket an IOC last answered
+        self._answered_limit = 1024
         self.sent = {CA: 0, PVA: 0}  # names asked (each try counts)
         self.datagrams = {CA: 0, PVA: 0}
         self.dropped = 0
 
     async def start(self) -> None:
         for proto, handler in ((CA, self._ca_reply), (PVA, self._pva_reply)):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            enlarge_receive_buffer(sock)
-            sock.bind((self.host, 0))
-            sock.setblocking(False)
-            _, protocol = await self.loop.create_datagram_endpoint(
-                lambda h=handler: _Socket(h), sock=sock)
-            self._sockets[proto] = protocol  # type: ignore[assignment]
+            for index in range(SOCKETS):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                enlarge_receive_buffer(sock)
+                sock.bind((self.host, 0))
+                sock.setblocking(False)
+                _, protocol = await self.loop.create_datagram_endpoint(
+                    lambda h=handler, i=index: _Socket(h, i), sock=sock)
+                self._sockets[proto].append(protocol)  # type: ignore[arg-type]
 
     def close(self) -> None:
-        for sock in self._sockets.values():
-            if sock.transport is not None:
-                sock.transport.close()
+        for socks in self._sockets.values():
+            for sock in socks:
+                if sock.transport is not None:
+                    sock.transport.close()
 
     # ------------------------------------------------------------------ sending
     def probe(self, proto: str, ioc: IOC, name: str) -> None:
@@ -125,11 +139,17 @@ class UdpProber:
         now = self.loop.time()
         for (proto, ioc), probes in queue.items():
             target = ioc.search_endpoint(proto)
-            sock = self._sockets.get(proto)
-            if target is None or sock is None or sock.transport is None:
+            socks = self._sockets[proto]
+            if target is None or not socks:
                 continue
             probes = [p for p in probes if self.pending.get(p.cid) is p]
             if not probes:
+                continue
+            known = self._answered_on.get((proto, ioc))
+            first = all(p.tries == 0 for p in probes)
+            sock = socks[known if known is not None and first
+                         else next(self._turn) % len(socks)]
+            if sock.transport is None:
                 continue
             for probe in probes:
                 if probe.tries == 0:
@@ -169,16 +189,19 @@ class UdpProber:
         return out
 
     # ------------------------------------------------------------------ answers
-    def _report(self, cid: int, found: bool | None) -> None:
+    def _report(self, cid: int, found: bool | None, via: int | None = None) -> None:
         probe = self.pending.pop(cid, None)
-        if probe is not None:
-            self.on_result(probe.proto, probe.name, probe.ioc, found)
+        if probe is None:
+            return
+        if via is not None:
+            self._answered_on[(probe.proto, probe.ioc)] = via
+        self.on_result(probe.proto, probe.name, probe.ioc, found)
 
-    def _ca_reply(self, data: bytes, _addr: tuple[str, int]) -> None:
+    def _ca_reply(self, data: bytes, via: int) -> None:
         for cid, found in ca.parse_confirmation(data):
-            self._report(cid, found)
+            self._report(cid, found, via)
 
-    def _pva_reply(self, data: bytes, _addr: tuple[str, int]) -> None:
+    def _pva_reply(self, data: bytes, via: int) -> None:
         for head, payload in pva.iter_datagram(data):
             if head.command != pva.SEARCH_RESPONSE:
                 continue
@@ -188,11 +211,11 @@ class UdpProber:
                 continue
             found = set(response.cids) if response.found else set()
             for cid in found:
-                self._report(cid, True)
+                self._report(cid, True, via)
             # "must reply": one response lists every name of the search it has.
             for cid in self._pva_batches.pop(response.sequence, ()):
                 if cid not in found:
-                    self._report(cid, False)
+                    self._report(cid, False, via)
 
     # ------------------------------------------------------------------ timeouts
     def tick(self) -> None:
@@ -209,3 +232,6 @@ class UdpProber:
         sent = self._pva_sent
         while sent and sent[0][0] < now - 2 * self.timeout:
             self._pva_batches.pop(sent.popleft()[1], None)  # its IOC never answered
+        if len(self._answered_on) > self._answered_limit:  # forget IOCs that are gone
+            self._answered_on = {k: v for k, v in self._answered_on.items() if k[1].live}
+            self._answered_limit = max(1024, 2 * len(self._answered_on))

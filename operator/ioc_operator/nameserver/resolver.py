@@ -4,14 +4,23 @@ A search for a name not in the cache starts a *lookup*: the IOCs whose prefix st
 name (longest first, then the older one) are asked by a unicast search (`Prober`); the
 best-ranked IOC that confirms wins. Names matching no prefix are asked of every IOC
 serving the protocol, paced by a token bucket shared by all confirmation searches, so
-a client (or an attacker) asking for many names costs the IOCs a bounded rate.
+a client (or an attacker) asking for many names costs the IOCs a bounded rate. One
+client cannot starve the others: each may start lookups at a bounded rate of its own,
+lookups of names matching a prefix go before fan-outs, and fan-outs may hold only a
+quarter of the lookup slots.
 
 Answers are cached per protocol until the IOC's entry dies (it moved or went away:
-`IOC.live`); names nobody has are cached briefly. Every client that asked for a name
-nobody had is remembered (*parked*, bounded, for `park_ttl`) and answered the moment
-an IOC confirms the name: when the table learns a new IOC, when one becomes ready, or
-at the next retry. That is how running clients reach a new IOC without waiting for
-their own search backoff (libca's grows to minutes). Every table and queue is bounded.
+`IOC.live`); names nobody has are cached briefly. A cached answer older than
+`revalidate_after` is still given at once, but the IOC is asked again in the background:
+clients search a name they hold an answer for only when they lost it (the IOC
+restarted without the record, or its pod is gone while its object still names the old
+address), and then the answer is dropped if the IOC does not confirm it.
+
+Every client that asked for a name nobody had is remembered (*parked*, bounded, for
+`park_ttl`) and answered the moment an IOC confirms the name: when the table learns a
+new IOC, when one becomes ready, or at the next retry. That is how running clients
+reach a new IOC without waiting for their own search backoff (libca's grows to
+minutes). Every table and queue is bounded.
 """
 
 from __future__ import annotations
@@ -61,6 +70,18 @@ class Limits:
     probe_rate: float = 50_000.0  # confirmation searches per second (names x IOCs)
     probe_burst: float = 10_000.0
     fanout_queue: int = 10_000  # names matching no prefix, waiting for probe tokens
+    revalidate_after: float = 5.0  # s; an older cached answer is confirmed again when used
+    client_rate: float = 5_000.0  # lookups one client (address) may start per second ...
+    client_burst: float = 20_000.0  # ... after a burst of this many
+    max_clients: int = 10_000  # client addresses whose rate is tracked
+
+
+class _Answer:
+    __slots__ = ("confirmed", "ioc")
+
+    def __init__(self, ioc: IOC, confirmed: float) -> None:
+        self.ioc = ioc
+        self.confirmed = confirmed
 
 
 class _Lookup:
@@ -111,39 +132,67 @@ class Resolver:
         self.prober = prober
         self.limits = limits or Limits()
         self.clock = clock
-        self.positive: dict[str, OrderedDict[str, IOC]] = {p: OrderedDict() for p in PROTOCOLS}
+        self.positive: dict[str, OrderedDict[str, _Answer]] = {
+            p: OrderedDict() for p in PROTOCOLS}
+        self._revalidating: dict[tuple[str, str], IOC] = {}
         self.negative: dict[str, OrderedDict[str, float]] = {p: OrderedDict() for p in PROTOCOLS}
         self.lookups: dict[tuple[str, str], _Lookup] = {}
         self.parked: OrderedDict[tuple[str, str], _Parked] = OrderedDict()
         self._retries: list[tuple[float, str, str]] = []  # heap of (due, proto, name)
-        self._fanout: deque[_Lookup] = deque()
+        self._waiting: dict[bool, deque[_Lookup]] = {False: deque(), True: deque()}  # fanout?
+        self._fanouts = 0  # fan-out lookups in flight or waiting
+        self._clients: OrderedDict[str, list[float]] = OrderedDict()  # level, time
         self._changed: list[IOC] = []
         self.tokens = _Tokens(self.limits.probe_rate, self.limits.probe_burst, clock)
         self.stats: dict[str, int] = dict.fromkeys(
             ("lookups", "found", "not_found", "answered_later", "dropped_lookups",
-             "dropped_fanout", "parked_evicted", "retries"), 0)
+             "dropped_fanout", "throttled", "parked_evicted", "retries", "revalidated",
+             "revoked"), 0)
         table.listeners.append(self.table_changed)
 
     # ------------------------------------------------------------------ searches
     def cached(self, proto: str, name: str) -> IOC | None:
         """The answer, if one is cached and still good (the hot path: no allocation)."""
         cache = self.positive[proto]
-        ioc = cache.get(name)
-        if ioc is None:
+        answer = cache.get(name)
+        if answer is None:
             return None
-        if ioc.live:
-            return ioc
-        del cache[name]
-        return None
+        ioc = answer.ioc
+        if not ioc.live:
+            del cache[name]
+            return None
+        if self.clock() - answer.confirmed > self.limits.revalidate_after:
+            self._revalidate(proto, name, answer)
+        return ioc
+
+    def remember(self, proto: str, name: str, ioc: IOC) -> None:
+        """Cache an answer (confirmed now)."""
+        cache = self.positive[proto]
+        cache[name] = _Answer(ioc, self.clock())
+        cache.move_to_end(name)
+        if len(cache) > self.limits.cache_size:
+            cache.popitem(last=False)
+
+    def _revalidate(self, proto: str, name: str, answer: _Answer) -> None:
+        key = (proto, name)
+        if key in self._revalidating or len(self._revalidating) >= self.limits.max_lookups:
+            return
+        if not self.tokens.take(1):
+            return
+        answer.confirmed = self.clock()  # not again until this one is old
+        self._revalidating[key] = answer.ioc
+        self.stats["revalidated"] += 1
+        self.prober.probe(proto, answer.ioc, name)
 
     def negative_hit(self, proto: str, name: str) -> bool:
         """Whether `name` was recently looked for and nobody had it."""
         until = self.negative[proto].get(name)
         return until is not None and until > self.clock()
 
-    def resolve(self, proto: str, name: str, asker: Asker) -> IOC | None:
+    def resolve(self, proto: str, name: str, asker: Asker, client: str = "") -> IOC | None:
         """The IOC holding `name`, or None: then `asker` is answered later if an IOC
-        confirms the name while it is remembered."""
+        confirms the name while it is remembered. `client` (its address) is charged
+        for the lookup."""
         ioc = self.cached(proto, name)
         if ioc is not None:
             return ioc
@@ -151,10 +200,28 @@ class Resolver:
         self._park(key, asker)  # every waiting client is kept here, lookup or not
         if key in self.lookups or self.negative_hit(proto, name):
             return None
-        self._start(proto, name)
+        self._start(proto, name, client=client)
         return None
 
-    def _start(self, proto: str, name: str, only: list[IOC] | None = None) -> None:
+    def _client_allows(self, client: str) -> bool:
+        now = self.clock()
+        entry = self._clients.get(client)
+        if entry is None:
+            entry = self._clients[client] = [self.limits.client_burst, now]
+            if len(self._clients) > self.limits.max_clients:
+                self._clients.popitem(last=False)
+        else:
+            self._clients.move_to_end(client)
+            entry[0] = min(self.limits.client_burst,
+                           entry[0] + (now - entry[1]) * self.limits.client_rate)
+            entry[1] = now
+        if entry[0] < 1:
+            return False
+        entry[0] -= 1
+        return True
+
+    def _start(self, proto: str, name: str, only: list[IOC] | None = None,
+               client: str | None = None) -> None:
         key = (proto, name)
         if key in self.lookups:
             return
@@ -171,17 +238,29 @@ class Resolver:
         if not candidates:
             self._settle_negative(proto, name)
             return
+        if fanout and self._fanouts >= self.limits.max_lookups // 4:
+            self.stats["dropped_fanout"] += 1  # parked; looked for when asked again
+            return
+        if client is not None and not self._client_allows(client):
+            self.stats["throttled"] += 1  # parked; looked for when asked again
+            return
         lookup = _Lookup(proto, name, candidates, fanout)
         self.lookups[key] = lookup
+        self._fanouts += fanout
         self.stats["lookups"] += 1
-        if self.tokens.take(len(candidates)):
+        waiting = self._waiting[fanout]
+        if not waiting and self.tokens.take(len(candidates)):
             self._send(lookup)
-        elif len(self._fanout) < self.limits.fanout_queue:
-            self._fanout.append(lookup)  # sent from tick() when tokens allow
+        elif len(waiting) < self.limits.fanout_queue:
+            waiting.append(lookup)  # sent from tick() when tokens allow
         else:
-            self.stats["dropped_fanout"] += 1
-            del self.lookups[key]
+            self.stats["dropped_lookups"] += 1
+            self._finish(lookup)
             self._settle_negative(proto, name)
+
+    def _finish(self, lookup: _Lookup) -> None:
+        del self.lookups[(lookup.proto, lookup.name)]
+        self._fanouts -= lookup.fanout
 
     def _send(self, lookup: _Lookup) -> None:
         for ioc in lookup.candidates:
@@ -193,7 +272,17 @@ class Resolver:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s: %s says %s", proto, name, ioc.key,
                       {True: "found", False: "not found", None: "nothing"}[found])
-        lookup = self.lookups.get((proto, name))
+        key = (proto, name)
+        if self._revalidating.get(key) is ioc:
+            del self._revalidating[key]
+            answer = self.positive[proto].get(name)
+            if answer is not None and answer.ioc is ioc:
+                if found:
+                    answer.confirmed = self.clock()
+                else:  # gone from there: the next search looks again
+                    del self.positive[proto][name]
+                    self.stats["revoked"] += 1
+        lookup = self.lookups.get(key)
         if lookup is None:
             return
         for i, candidate in enumerate(lookup.candidates):
@@ -212,18 +301,15 @@ class Resolver:
                 return  # a better-ranked IOC has not answered yet
             self._settle_found(lookup, ioc)
             return
-        del self.lookups[(lookup.proto, lookup.name)]
+        self._finish(lookup)
         self._settle_negative(lookup.proto, lookup.name)
 
     def _settle_found(self, lookup: _Lookup, ioc: IOC) -> None:
         proto, name = lookup.proto, lookup.name
         key = (proto, name)
-        del self.lookups[key]
+        self._finish(lookup)
         self.stats["found"] += 1
-        cache = self.positive[proto]
-        cache[name] = ioc
-        if len(cache) > self.limits.cache_size:
-            cache.popitem(last=False)
+        self.remember(proto, name, ioc)
         self.negative[proto].pop(name, None)
         parked = self.parked.pop(key, None)
         if parked is None:
@@ -309,15 +395,19 @@ class Resolver:
         retries of waiting names, expiry."""
         if self._changed:
             self._rescan()
-        while self._fanout:
-            lookup = self._fanout[0]
-            if self.lookups.get((lookup.proto, lookup.name)) is not lookup:
-                self._fanout.popleft()
+        for waiting in (self._waiting[False], self._waiting[True]):  # prefix lookups first
+            while waiting:
+                lookup = waiting[0]
+                if self.lookups.get((lookup.proto, lookup.name)) is not lookup:
+                    waiting.popleft()
+                    continue
+                if not self.tokens.take(len(lookup.candidates)):
+                    break
+                waiting.popleft()
+                self._send(lookup)
+            else:
                 continue
-            if not self.tokens.take(len(lookup.candidates)):
-                break
-            self._fanout.popleft()
-            self._send(lookup)
+            break
         now = self.clock()
         retries = self._retries
         while retries and retries[0][0] <= now:
@@ -352,5 +442,6 @@ class Resolver:
             "negative": sum(len(n) for n in self.negative.values()),
             "lookups_in_flight": len(self.lookups),
             "parked": len(self.parked),
-            "fanout_queue": len(self._fanout),
+            "waiting_prefix": len(self._waiting[False]),
+            "waiting_fanout": len(self._waiting[True]),
         }

@@ -198,7 +198,7 @@ class CaCircuit(asyncio.Protocol):
                 return
             self.server.stats["ca_tcp_searches"] += 1
             ioc = self.server.lookup(CA, search.name, self.output.internal,
-                                     lambda: _CaTcpAsker(self, search.cid))
+                                     lambda: _CaTcpAsker(self, search.cid), self.output.host)
             if ioc is not None:
                 self.answer(ioc, search.cid)
             elif search.reply and self.server.resolver.negative_hit(CA, search.name):
@@ -277,7 +277,8 @@ class CaUdp(asyncio.DatagramProtocol):
             ioc = resolver.cached(CA, search.name)
             if ioc is None:
                 ioc = server.lookup(CA, search.name, internal,
-                                    lambda s=search: _CaUdpAsker(self, addr, s.cid, sequence))
+                                    lambda s=search: _CaUdpAsker(self, addr, s.cid, sequence),
+                                    addr[0])
             if ioc is not None:
                 self.answer(addr, sequence, ioc, search.cid, internal)
             elif search.reply and resolver.negative_hit(CA, search.name):
@@ -404,7 +405,7 @@ class PvaCircuit(asyncio.Protocol):
             ioc = resolver.cached(PVA, name)
             if ioc is None:
                 ioc = server.lookup(PVA, name, self.output.internal,
-                                    lambda c=cid: _PvaTcpAsker(self, c, seq))
+                                    lambda c=cid: _PvaTcpAsker(self, c, seq), self.output.host)
             if ioc is not None:
                 groups.setdefault(ioc, []).append(cid)
         for ioc, cids in groups.items():
@@ -490,7 +491,7 @@ class PvaUdp(asyncio.DatagramProtocol):
             ioc = resolver.cached(PVA, name)
             if ioc is None:
                 ioc = server.lookup(PVA, name, internal,
-                                    lambda c=cid: _PvaUdpAsker(self, reply_to, c, seq))
+                                    lambda c=cid: _PvaUdpAsker(self, reply_to, c, seq), addr[0])
             if ioc is not None:
                 answered = True
                 self.answer(reply_to, seq, ioc, cid, internal)
@@ -556,10 +557,11 @@ class NameServer:
         self.resolver.probe_result(proto, name, ioc, found)
         self.schedule_flush()
 
-    def lookup(self, proto: str, name: str, internal: bool, asker) -> IOC | None:  # type: ignore[no-untyped-def]
-        """The answer for a client, or None (the client is answered later if an IOC
-        confirms the name). `asker` makes the waiting client only when one is needed."""
-        ioc = self.resolver.resolve(proto, name, asker())
+    def lookup(self, proto: str, name: str, internal: bool, asker,  # type: ignore[no-untyped-def]
+               client: str) -> IOC | None:
+        """The answer for `client` (its address), or None (it is answered later if an
+        IOC confirms the name). `asker` makes the waiting client only when needed."""
+        ioc = self.resolver.resolve(proto, name, asker(), client)
         if ioc is not None and not internal and not ioc.external:
             self.stats["outside_refused"] += 1
             return None
