@@ -14,10 +14,19 @@ $(VENV)/.installed: pyproject.toml testbed/pyproject.toml
 ## setup: virtual environment with the operator and its test dependencies
 setup: $(VENV)/.installed
 
-## system-deps: iproute2 and iptables for the network lab (root only)
+# Debian packages of the network lab and the real nodes: containerd, runc and the CNI
+# plugins run pods; buildah and debootstrap build the images; script(1) gives kubectl
+# attach a terminal in the tests.
+SYSTEM_PACKAGES := iproute2 iptables conntrack containerd runc containernetworking-plugins \
+	buildah debootstrap util-linux bsdutils gcc libc6-dev
+
+## system-deps: the Debian packages of the network lab and the real nodes (root only)
 system-deps:
-	@if [ "$$(id -u)" = 0 ] && ! { command -v ip && command -v iptables; } >/dev/null 2>&1; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iptables; \
+	@if [ "$$(id -u)" = 0 ] && [ "$$(dpkg-query -W -f='$${db:Status-Status}\n' \
+			$(SYSTEM_PACKAGES) 2>/dev/null | grep -cx installed)" != $(words $(SYSTEM_PACKAGES)) ]; \
+	then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			$(SYSTEM_PACKAGES); \
 	fi
 
 ## controlplane: build (or reuse) etcd, kube-apiserver, ... and helm from the Go module proxy

@@ -10,8 +10,6 @@ it must leave nothing behind.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,6 @@ import pytest
 
 from ioc_testbed.cluster import Cluster, ClusterError
 from ioc_testbed.helm import Helm, build_helm
-from ioc_testbed.waiting import wait_for
 
 from support import (
     AUTOSAVE_PV,
@@ -29,11 +26,11 @@ from support import (
     HOST_NODE,
     NAME_SERVICE_IP,
     OPERATOR_NS,
-    PER_IOC_DIRECTORY,
     REPO,
     ClientPod,
     Kubectl,
     condition,
+    directory_client,
     examples,
 )
 
@@ -122,39 +119,13 @@ def example_iocs(kubectl: Kubectl, operator: str) -> dict[str, dict[str, Any]]:
     return iocs
 
 
-def per_ioc_directory(kubectl: Kubectl, iocs: dict[str, dict[str, Any]]) -> str:
-    """The per-IOC lists (`ioc-operator client-env --per-ioc`) as a ConfigMap, for the
-    sites that publish those instead of the name service."""
-    env = subprocess.run(
-        [sys.executable, "-m", "ioc_operator.cli", "client-env", "--per-ioc", "--format",
-         "env", "-n", EXAMPLES_NS, "--kubeconfig", str(kubectl.kubeconfig)],
-        capture_output=True, text=True, timeout=60, check=True,
-        stdin=subprocess.DEVNULL).stdout
-    data = dict(line.split("=", 1) for line in env.splitlines() if "=" in line)
-    listed = data.get("EPICS_CA_ADDR_LIST", "") + " " + data.get("EPICS_PVA_ADDR_LIST", "")
-    for name, ioc in iocs.items():
-        for address in (ioc.get("status", {}).get("endpoints") or {}).values():
-            assert address.rsplit(":", 1)[0] in listed, (name, address, data)
-    kubectl.apply([{"apiVersion": "v1", "kind": "ConfigMap",
-                    "metadata": {"name": PER_IOC_DIRECTORY, "namespace": EXAMPLES_NS},
-                    "data": data}])
-    return PER_IOC_DIRECTORY
-
-
 @pytest.fixture(scope="session", params=["name-service", "per-ioc"])
 def client(request: pytest.FixtureRequest, kubectl: Kubectl,
            example_iocs: dict[str, dict[str, Any]]) -> ClientPod:
     """A client pod on the other node than the host-mode IOCs whose only EPICS settings
     are one directory: the operator's (the name service: the chart's default) or the
     per-IOC lists."""
-    if request.param == "name-service":
-        directory = "epics-client-env"
-        wait_for("the directory naming the name service", lambda: NAME_SERVICE_IP in str(
-            (kubectl.get("configmap", directory, EXAMPLES_NS) or {}).get("data")), 30)
-    else:
-        directory = per_ioc_directory(kubectl, example_iocs)
-    return ClientPod(kubectl, EXAMPLES_NS, name=f"client-{request.param}",
-                     node="beamline-02").create(directory)
+    return directory_client(kubectl, EXAMPLES_NS, example_iocs, request.param)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -143,3 +144,93 @@ class ClientPod:
                       "error": f"no result (exit {done.returncode}): {done.stderr[-500:]}"}
         result["wall"] = time.monotonic() - t0
         return result
+
+
+# ------------------------------------------------------------------ the client matrix
+LIBS = {"ca": ("pyepics", "caproto"), "pva": ("p4p",)}
+OPS = ("get", "put", "monitor")
+PV_OF_OP = {"get": "value", "put": "value", "monitor": "counter"}
+Cells = dict[tuple[str, str, str], dict[str, Any]]
+
+
+def run_matrix(client: ClientPod, iocs: dict[str, dict[str, Any]],
+               libs: dict[str, tuple[str, ...]] | None = None) -> Cells:
+    """Every cell once: (ioc, lib, op) -> that PV's result. One client process per
+    (lib, op) asks for every IOC's PV, as a real client would. 10 s (15 s for monitors):
+    a first search through a gateway or the bridge is answered once the gateway found
+    the name upstream, and clients back off between searches (pvxs: 1, 2, 4 s)."""
+    cells: Cells = {}
+    for proto, proto_libs in (libs or LIBS).items():
+        serving = {n: i for n, i in iocs.items() if proto in protocols(i)}
+        for lib in proto_libs:
+            for op in OPS:
+                pvs = {f"{i['spec']['prefix']}{PV_OF_OP[op]}": n for n, i in serving.items()}
+                result = client.run(lib, op, list(pvs), value=4.25 if op == "put" else None,
+                                    timeout=15.0 if op == "monitor" else 10.0)
+                by_pv = {r["pv"]: r for r in result.get("results", [])}
+                for pv, name in pvs.items():
+                    cells[(name, lib, op)] = by_pv.get(pv) or {
+                        "ok": False, "error": result.get("error")}
+    return cells
+
+
+def failed_cells(cells: Cells) -> dict[str, str]:
+    return {f"{ioc} {lib} {op}": str(c.get("error")) for (ioc, lib, op), c in cells.items()
+            if not c["ok"]}
+
+
+def format_matrix(cells: Cells, label: str = "IOC") -> str:
+    iocs = sorted({k[0] for k in cells})
+    columns = [(lib, op) for libs in LIBS.values() for lib in libs for op in OPS]
+    rows = [[label] + [f"{lib} {op}" for lib, op in columns]]
+    for ioc in iocs:
+        row = [ioc]
+        for lib, op in columns:
+            cell = cells.get((ioc, lib, op))
+            row.append("-" if cell is None else
+                       f"ok {cell.get('elapsed', 0):.2f}" if cell["ok"] else "FAIL")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+# ------------------------------------------------------------------ directories
+def per_ioc_directory(kubectl: Kubectl, namespace: str, iocs: dict[str, dict[str, Any]],
+                      name_servers_only: bool = False) -> str:
+    """The per-IOC lists (`ioc-operator client-env --per-ioc`) as a ConfigMap, for sites
+    that publish those instead of the name service; with `name_servers_only`, only the
+    NAME_SERVERS lists (TCP searches; what libca and pvxs clients use first)."""
+    env = subprocess.run(
+        [sys.executable, "-m", "ioc_operator.cli", "client-env", "--per-ioc", "--format",
+         "env", "-n", namespace, "--kubeconfig", str(kubectl.kubeconfig)],
+        capture_output=True, text=True, timeout=60, check=True,
+        stdin=subprocess.DEVNULL).stdout
+    data = dict(line.split("=", 1) for line in env.splitlines() if "=" in line)
+    listed = data.get("EPICS_CA_ADDR_LIST", "") + " " + data.get("EPICS_PVA_ADDR_LIST", "")
+    for name, ioc in iocs.items():
+        for address in (ioc.get("status", {}).get("endpoints") or {}).values():
+            assert address.rsplit(":", 1)[0] in listed, (name, address, data)
+    name = PER_IOC_DIRECTORY
+    if name_servers_only:
+        data = {k: ("" if k.endswith("_ADDR_LIST") and "_AUTO_" not in k else v)
+                for k, v in data.items()}
+        name += "-name-servers"
+    kubectl.apply([{"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": name, "namespace": namespace}, "data": data}])
+    return name
+
+
+def directory_client(kubectl: Kubectl, namespace: str, iocs: dict[str, dict[str, Any]],
+                     kind: str, node: str = "beamline-02") -> ClientPod:
+    """A client pod whose only EPICS settings are one directory: `name-service` (the
+    operator's epics-client-env, the chart's default), `per-ioc` (the IOCs' own lists)
+    or `name-servers-only` (their NAME_SERVERS lists alone)."""
+    if kind == "name-service":
+        directory = "epics-client-env"
+        wait_for("the directory naming the name service", lambda: NAME_SERVICE_IP in str(
+            (kubectl.get("configmap", directory, namespace) or {}).get("data")), 30)
+    else:
+        directory = per_ioc_directory(kubectl, namespace, iocs,
+                                      name_servers_only=kind == "name-servers-only")
+    return ClientPod(kubectl, namespace, name=f"client-{kind}", node=node).create(directory)

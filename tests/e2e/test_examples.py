@@ -15,52 +15,21 @@ from support import (
     EXAMPLES_NS,
     HOST_NODE,
     NAME_SERVICE_IP,
+    Cells,
     ClientPod,
     Kubectl,
     condition,
-    protocols,
+    failed_cells,
+    format_matrix,
+    run_matrix,
 )
-
-LIBS = {"ca": ("pyepics", "caproto"), "pva": ("p4p",)}
-OPS = ("get", "put", "monitor")
-PV_OF_OP = {"get": "value", "put": "value", "monitor": "counter"}
 
 
 @pytest.fixture(scope="session")
-def matrix(client: ClientPod, example_iocs: dict[str, dict[str, Any]]
-           ) -> dict[tuple[str, str, str], dict[str, Any]]:
-    """Every cell, run once: (ioc, lib, op) -> that PV's result. One client process per
-    (lib, op) reads all IOCs' PVs, as a real client would."""
-    cells: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for proto, libs in LIBS.items():
-        iocs = {n: i for n, i in example_iocs.items() if proto in protocols(i)}
-        for lib in libs:
-            for op in OPS:
-                pvs = {f"{i['spec']['prefix']}{PV_OF_OP[op]}": n for n, i in iocs.items()}
-                value = 4.25 if op == "put" else None
-                result = client.run(lib, op, list(pvs), value=value)
-                by_pv = {r["pv"]: r for r in result.get("results", [])}
-                for pv, name in pvs.items():
-                    cells[(name, lib, op)] = by_pv.get(pv) or {"ok": False,
-                                                               "error": result.get("error")}
+def matrix(client: ClientPod, example_iocs: dict[str, dict[str, Any]]) -> Cells:
+    cells = run_matrix(client, example_iocs)
     print(f"\n{client.name}:\n" + format_matrix(cells))
     return cells
-
-
-def format_matrix(cells: dict[tuple[str, str, str], dict[str, Any]]) -> str:
-    iocs = sorted({k[0] for k in cells})
-    columns = [(lib, op) for libs in LIBS.values() for lib in libs for op in OPS]
-    header = ["IOC"] + [f"{lib} {op}" for lib, op in columns]
-    rows = [header]
-    for ioc in iocs:
-        row = [ioc]
-        for lib, op in columns:
-            cell = cells.get((ioc, lib, op))
-            row.append("-" if cell is None else ("ok" if cell["ok"] else "FAIL"))
-        rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))
-                     for r in rows)
 
 
 def test_every_example_ioc_is_ready_with_running_containers(
@@ -97,17 +66,9 @@ def test_the_client_pod_knows_only_the_directory(client: ClientPod) -> None:
             ("_ADDR_LIST", "_NAME_SERVERS")) and "_AUTO_" not in k} == {NAME_SERVICE_IP}
 
 
-@pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("lib", [lib for libs in LIBS.values() for lib in libs])
-def test_matrix_cell(matrix: dict[tuple[str, str, str], dict[str, Any]],
-                     example_iocs: dict[str, dict[str, Any]], lib: str, op: str) -> None:
-    """Every IOC serving this library's protocol answers this operation."""
-    proto = next(p for p, libs in LIBS.items() if lib in libs)
-    wanted = [n for n, i in example_iocs.items() if proto in protocols(i)]
-    assert wanted
-    failed = {n: matrix[(n, lib, op)].get("error") for n in wanted
-              if not matrix[(n, lib, op)]["ok"]}
-    assert failed == {}
+def test_every_cell_of_the_matrix(matrix: Cells) -> None:
+    """Every IOC serving a library's protocol answers get, put and monitor."""
+    assert failed_cells(matrix) == {}
 
 
 def test_every_example_ioc_is_reachable_from_the_operator_pod(
