@@ -36,7 +36,7 @@ def container(ioc: IOC, ports: ResolvedPorts, config: OperatorConfig) -> dict[st
         "args": args,
         "env": [sidecars.POD_IP_ENV],
         "ports": sidecars.ports("pva", ports.pva_server, ports.pva_broadcast),
-        "readinessProbe": sidecars.readiness(ports.pva_server),
+        **sidecars.probes(ports.pva_server),
         "securityContext": copy.deepcopy(sidecars.SECURITY_CONTEXT),
     }
     resources = bridge.resources.model_dump(exclude_defaults=True)

@@ -83,7 +83,7 @@ def container(ioc: IOC, ports: ResolvedPorts, config: OperatorConfig) -> dict[st
         "args": args(ioc, ports),
         "env": [sidecars.POD_IP_ENV],
         "ports": sidecars.ports("ca", ports.ca, ports.ca),
-        "readinessProbe": sidecars.readiness(ports.ca),
+        **sidecars.probes(ports.ca),
         "securityContext": copy.deepcopy(sidecars.SECURITY_CONTEXT),
     }
     mounts = []

@@ -79,7 +79,7 @@ def container(ioc: IOC, ports: ResolvedPorts, config: OperatorConfig) -> dict[st
         "command": ["/bin/sh", "-c", script],
         "env": [sidecars.POD_IP_ENV],
         "ports": sidecars.ports("pva", ports.pva_server, ports.pva_broadcast),
-        "readinessProbe": sidecars.readiness(ports.pva_server),
+        **sidecars.probes(ports.pva_server),
         "volumeMounts": [
             {"name": "pvagw-config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "pvagw-run", "mountPath": RUN_DIR},

@@ -17,8 +17,24 @@ SECURITY_CONTEXT: dict[str, Any] = {
 }
 
 
-def readiness(port: int) -> dict[str, Any]:
-    return {"tcpSocket": {"port": port}, "periodSeconds": 10, "failureThreshold": 3}
+# Ready within about a second of the server listening: the kubelet runs the readiness
+# probe at once when the startup probe succeeds (measured on the real node: 2.1-2.6 s
+# from apply to Ready, against 11 s with a 10 s readiness period alone, whose first try
+# comes before the server listens). The readiness probe stays at 10 s: pvxs logs every
+# probe's connection reset. The startup probe gives up (restarting the container) only
+# after an hour without a listening port, so a slow IOC is not killed.
+STARTUP_PERIOD_S = 1
+STARTUP_GIVE_UP_S = 3600
+
+
+def probes(port: int) -> dict[str, dict[str, Any]]:
+    """readinessProbe and startupProbe of a container serving TCP `port`."""
+    tcp = {"tcpSocket": {"port": port}}
+    return {
+        "readinessProbe": {**tcp, "periodSeconds": 10, "failureThreshold": 3},
+        "startupProbe": {**tcp, "periodSeconds": STARTUP_PERIOD_S,
+                         "failureThreshold": STARTUP_GIVE_UP_S // STARTUP_PERIOD_S},
+    }
 
 
 def ports(prefix: str, tcp: int, udp: int) -> list[dict[str, Any]]:

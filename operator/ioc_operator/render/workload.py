@@ -11,7 +11,7 @@ from typing import Any
 
 from ..config import OperatorConfig
 from ..models import IOC, CAImplementation, NetworkMode
-from . import bridge, cagw, names, pvagw
+from . import bridge, cagw, names, pvagw, sidecars
 from .ports import ResolvedPorts
 
 
@@ -66,17 +66,15 @@ def container_ports(ioc: IOC, ports: ResolvedPorts) -> list[dict[str, Any]]:
     return out
 
 
-def readiness_probe(ioc: IOC, ports: ResolvedPorts) -> dict[str, Any] | None:
+def probed_port(ioc: IOC, ports: ResolvedPorts) -> int | None:
     """Ready once the server listens where clients are told to go. rsrv and pvxs move
     to a random TCP port when theirs is taken; this catches that."""
     spec = ioc.spec
     if spec.servers.ca.enabled and not spec.runs_ca_gateway:
-        port = ports.ca
-    elif spec.servers.pva.enabled and not spec.runs_pvagw:
-        port = ports.pva_server
-    else:
-        return None  # the IOC's servers are on loopback; the gateways' probes cover them
-    return {"tcpSocket": {"port": port}, "periodSeconds": 10, "failureThreshold": 3}
+        return ports.ca
+    if spec.servers.pva.enabled and not spec.runs_pvagw:
+        return ports.pva_server
+    return None  # the IOC's servers are on loopback; the gateways' probes cover them
 
 
 def ioc_container(ioc: IOC, ports: ResolvedPorts, config: OperatorConfig) -> dict[str, Any]:
@@ -102,9 +100,9 @@ def ioc_container(ioc: IOC, ports: ResolvedPorts, config: OperatorConfig) -> dic
     resources = spec.resources.model_dump(exclude_defaults=True)
     if resources:
         container["resources"] = resources
-    probe = readiness_probe(ioc, ports)
-    if probe:
-        container["readinessProbe"] = probe
+    port = probed_port(ioc, ports)
+    if port is not None:
+        container.update(sidecars.probes(port))
     mounts = [dict(m) for m in spec.volume_mounts]
     if spec.autosave.enabled:
         mounts.append({"name": "autosave", "mountPath": spec.autosave.mount_path})
@@ -124,6 +122,10 @@ def pod_spec(ioc: IOC, ports: ResolvedPorts, config: OperatorConfig) -> dict[str
         "containers": [ioc_container(ioc, ports, config)],
         # Service links would put every Service of the namespace into every IOC's env.
         "enableServiceLinks": False,
+        # The pause container is PID 1, not the IOC: a PID 1 without a SIGTERM handler
+        # (a soft IOC, python, pvagw) ignores SIGTERM, so every stop took the whole grace
+        # period (measured on the real node: 11 s per delete or rollout, now ~1 s).
+        "shareProcessNamespace": True,
         "terminationGracePeriodSeconds": 10,
     }
     if host:
