@@ -528,10 +528,9 @@ NAMESPACED_CAN_I = [
 ]
 
 
-@pytest.mark.parametrize("scope", sorted(RELEASES))
-def test_service_account_can_and_cannot(chart_plane, install, scope):
-    installed = install(scope)
-    table = CLUSTER_CAN_I if scope == "cluster" else NAMESPACED_CAN_I
+def can_i_mismatches(plane: ControlPlane, kubeconfig: Path,
+                     table: list[tuple[str, str, str | None, bool]]) -> list[str]:
+    """`kubectl auth can-i` as the account for each (verb, resource, where, expected)."""
     wrong = []
     for verb, resource, where, expected in table:
         args = ["auth", "can-i", verb]
@@ -543,12 +542,20 @@ def test_service_account_can_and_cannot(chart_plane, install, scope):
             args.append("--all-namespaces")
         elif where:
             args += ["-n", where]
-        done = kubectl_as(chart_plane, installed.kubeconfig, *args)
+        done = kubectl_as(plane, kubeconfig, *args)
         answer = done.stdout.strip()
         if answer not in ("yes", "no"):
             wrong.append(f"{' '.join(args)}: {done.stdout} {done.stderr}")
         elif (answer == "yes") != expected:
             wrong.append(f"{' '.join(args)}: {answer}, expected {'yes' if expected else 'no'}")
+    return wrong
+
+
+@pytest.mark.parametrize("scope", sorted(RELEASES))
+def test_service_account_can_and_cannot(chart_plane, install, scope):
+    installed = install(scope)
+    table = CLUSTER_CAN_I if scope == "cluster" else NAMESPACED_CAN_I
+    wrong = can_i_mismatches(chart_plane, installed.kubeconfig, table)
     assert not wrong, "\n".join(wrong)
 
 
@@ -620,12 +627,5 @@ def test_name_server_reads_iocs_and_nothing_else(chart_plane, admin, install, tm
                             by_kind(installed.objects, "ClusterRole")
                             + by_kind(installed.objects, "Role") if component(r) == "name-server"))
     assert granted == {("epics-operator.io", "iocs", v) for v in ("get", "list", "watch")}
-    wrong = []
-    for verb, resource, where, expected in NAME_SERVER_CAN_I:
-        resource, _, sub = resource.partition("/")
-        args = ["auth", "can-i", verb, resource] + ([f"--subresource={sub}"] if sub else [])
-        args += ["--all-namespaces"] if where == "-A" else (["-n", where] if where else [])
-        answer = kubectl_as(chart_plane, kubeconfig, *args).stdout.strip()
-        if (answer == "yes") != expected:
-            wrong.append(f"{' '.join(args)}: {answer}")
+    wrong = can_i_mismatches(chart_plane, kubeconfig, NAME_SERVER_CAN_I)
     assert not wrong, "\n".join(wrong)

@@ -69,8 +69,17 @@ def test_helm_lint_strict(helm, values):
     ({"hostPorts": {"min": 6000, "max": 5999}}, "hostPorts.min must not exceed"),
     ({"directory": {"name": "Bad Name"}}, "/directory/name"),
     ({"imageTag": "0.2.0"}, "imageTag"),  # a typo is an error, not silently ignored
+    ({"nameService": {"service": {"type": "ExternalName"}}}, "/nameService/service/type"),
+    ({"nameService": {"clusterIP": "not-an-ip"}}, "/nameService/clusterIP"),
+    ({"nameService": {"service": {"type": "NodePort", "nodePorts": {"ca": 5064}}}},
+     "/nameService/service/nodePorts/ca"),
+    ({"nameService": {"replicas": 0}}, "/nameService/replicas"),
+    ({"nameService": {"internalNetworks": ["everyone"]}}, "/nameService/internalNetworks"),
+    ({"nameService": {"adress": "x"}}, "adress"),
 ], ids=["scope", "namespaced-without-namespaces", "namespace-name", "port-range",
-        "ports-reversed", "directory-name", "unknown-key"])
+        "ports-reversed", "directory-name", "unknown-key", "name-service-type",
+        "name-service-cluster-ip", "name-service-node-port", "name-service-replicas",
+        "name-service-network", "name-service-unknown-key"])
 def test_bad_values_are_refused(helm, values, words):
     path = helm.home / "bad.yaml"
     path.write_text(yaml.safe_dump(values))

@@ -1,14 +1,13 @@
 """The chart's name service, rendered: a Deployment of 2 replicas behind one Service,
 a PodDisruptionBudget, non-root with a read-only root file system, read-only RBAC on
-IOCs, its flags valid for ioc-name-server, and the operator told its address."""
+IOCs, its flags valid for ioc-name-server, and the operator told its address. (Bad
+nameService values: test_chart_files.test_bad_values_are_refused.)"""
 
 from __future__ import annotations
 
 from typing import Any
 
-import pytest
-import yaml
-from chartlib import CHART, by_kind, rule_triples
+from chartlib import by_kind, rule_triples
 
 from ioc_operator.config import OperatorConfig
 from ioc_operator.nameserver.main import build_parser
@@ -158,20 +157,3 @@ def test_disabled_name_service_leaves_the_per_ioc_directory(helm):
     env = operator_env(objects)
     assert "IOC_OPERATOR_NAME_SERVICE_ADDRESS" not in env
     assert OperatorConfig.from_env(env).name_service_address is None
-
-
-@pytest.mark.parametrize(("values", "words"), [
-    ({"nameService": {"service": {"type": "ExternalName"}}}, "/nameService/service/type"),
-    ({"nameService": {"clusterIP": "not-an-ip"}}, "/nameService/clusterIP"),
-    ({"nameService": {"service": {"type": "NodePort", "nodePorts": {"ca": 5064}}}},
-     "/nameService/service/nodePorts/ca"),
-    ({"nameService": {"replicas": 0}}, "/nameService/replicas"),
-    ({"nameService": {"internalNetworks": ["everyone"]}}, "/nameService/internalNetworks"),
-    ({"nameService": {"adress": "x"}}, "adress"),
-], ids=["service-type", "cluster-ip", "node-port", "replicas", "network", "unknown-key"])
-def test_bad_name_service_values_are_refused(helm, values, words):
-    path = helm.home / "bad-name-service.yaml"
-    path.write_text(yaml.safe_dump(values))
-    done = helm("template", "x", str(CHART), "--values", str(path), check=False)
-    assert done.returncode != 0, done.stdout
-    assert words in done.stderr, done.stderr

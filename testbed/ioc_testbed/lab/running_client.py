@@ -106,19 +106,22 @@ def _watch_p4p(names: Sequence[str]) -> list[Any]:
 
 
 def _watch_pvapy(names: Sequence[str]) -> list[Any]:
+    """Monitors only: pvaPy 5.6's connection callback is called without the GIL held
+    when a server goes away, and the process dies ("PyThreadState_Get: the function must
+    be called with the GIL held"); "connected" is reported with the first value."""
     import pvaccess
 
     keep: list[Any] = []
     for name in names:
         channel = pvaccess.Channel(name, pvaccess.PVA)
+        first = [True]
 
-        def on_connection(up: bool, name: str = name) -> None:
-            _emit(name, "connected" if up else "disconnected")
-
-        def on_update(value: Any, name: str = name) -> None:
+        def on_update(value: Any, name: str = name, first: list[bool] = first) -> None:
+            if first[0]:
+                first[0] = False
+                _emit(name, "connected")
             _emit(name, "value", _scalar(value["value"]))
 
-        channel.setConnectionCallback(on_connection)
         channel.subscribe("watch", on_update)
         channel.startMonitor()
         keep.append(channel)
