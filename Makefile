@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup system-deps controlplane demo test unit lint bench bench-lab crd clean
+.PHONY: setup system-deps controlplane demo test unit lint bench bench-node bench-lab crd clean
 
 $(VENV)/.installed: pyproject.toml testbed/pyproject.toml
 	python3 -m venv $(VENV)
@@ -53,6 +53,10 @@ lint: setup
 ## bench: operator benchmarks on a real control plane; writes docs/benchmarks.md
 bench: setup controlplane
 	$(PY) -m benchmarks.bench_operator
+
+## bench-node: time to Running, Ready and first read on real nodes (root); writes docs/real-node.md
+bench-node: setup system-deps controlplane
+	$(PY) -m benchmarks.bench_real_node
 
 ## bench-lab: gateway, bridge and discovery benchmarks in the network lab (root)
 bench-lab: setup system-deps

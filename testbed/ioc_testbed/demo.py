@@ -291,6 +291,22 @@ def print_table(rows: list[Row]) -> None:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)))
 
 
+def _on_real_nodes(examples: Path, start: float) -> int:
+    from . import demo_nodes
+
+    try:
+        ok = demo_nodes.run(examples.resolve(), Path.cwd())
+    except KeyboardInterrupt:
+        print("\ninterrupted: everything started has been stopped", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the cluster is torn down already; say what failed
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"demo on real nodes {'passed' if ok else 'FAILED'} in "
+          f"{time.monotonic() - start:.0f} s")
+    return 0 if ok else 1
+
+
 def can_use_lab() -> str | None:
     """None when the lab can run, else why not."""
     if sys.platform != "linux":
@@ -314,6 +330,16 @@ def run(kubeconfig: str | None = None, examples: Path = Path("examples")) -> int
         signal.signal(sig, _interrupt)
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:  # started in the background
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if kubeconfig is None:
+        from .cluster import preflight
+
+        no_nodes = preflight()
+        if no_nodes is None:
+            say("running on real nodes", "kubelet + containerd, the project's images, the "
+                "chart's operator")
+            return _on_real_nodes(examples, start)
+        say("real nodes unavailable", f"{no_nodes}; running the examples in the network "
+            "lab instead (a lab kubelet runs each IOC pod from this Python environment)")
     why_not = None if kubeconfig is None else "the lab only runs with the demo's own cluster"
     why_not = why_not or can_use_lab()
     demo = Demo(kubeconfig, use_lab=why_not is None, examples=examples)

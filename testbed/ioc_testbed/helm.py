@@ -64,3 +64,14 @@ class Helm:
         if values:
             args += ["--values", str(self.values_file(f"{release}-{namespace}", values))]
         return [d for d in yaml.safe_load_all(self(*args).stdout) if d]
+
+    def install_operator(self, kubeconfig: Path, namespace: str, *settings: str,
+                         timeout: float = 180.0) -> None:
+        """`helm upgrade --install ioc-operator` of the chart, as a user would, waiting
+        for its pods (the operator, the name service). `settings`: `--set` values."""
+        args = ["upgrade", "--install", "ioc-operator", str(self.chart), "--namespace",
+                namespace, "--create-namespace", "--kubeconfig", str(kubeconfig), "--wait",
+                "--timeout", f"{timeout:.0f}s"]
+        for setting in settings:
+            args += ["--set", setting]
+        self(*args, timeout=timeout + 60)

@@ -18,18 +18,15 @@ import pytest
 
 from ioc_testbed.cluster import Cluster, ClusterError
 from ioc_testbed.helm import Helm, build_helm
+from ioc_testbed.incluster import NAME_SERVICE_IP, ClientPod, Kubectl, condition, local_volume
 
 from support import (
     AUTOSAVE_PV,
     CHART,
     EXAMPLES_NS,
     HOST_NODE,
-    NAME_SERVICE_IP,
     OPERATOR_NS,
     REPO,
-    ClientPod,
-    Kubectl,
-    condition,
     directory_client,
     examples,
 )
@@ -72,39 +69,18 @@ def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
 @pytest.fixture(scope="session")
 def operator(kubectl: Kubectl, helm: Helm) -> str:
     """The chart installed as a new user would: the operator runs as a pod."""
-    helm("upgrade", "--install", "ioc-operator", str(CHART), "--namespace", OPERATOR_NS,
-         "--create-namespace", "--kubeconfig", str(kubectl.kubeconfig), "--wait",
-         "--set", f"nameService.clusterIP={NAME_SERVICE_IP}", "--timeout", "180s",
-         timeout=240)
+    helm.install_operator(kubectl.kubeconfig, OPERATOR_NS,
+                          f"nameService.clusterIP={NAME_SERVICE_IP}")
     kubectl("-n", OPERATOR_NS, "rollout", "status", "deployment/ioc-operator",
             "--timeout=120s", timeout=150)
     return OPERATOR_NS
-
-
-def autosave_volume(kubectl: Kubectl, node: str) -> None:
-    """A local PersistentVolume on `node` for the host-mode example's autosave claim.
-    Its directory lives in the node's own directory and is owned by the IOC's uid."""
-    path = Path(kubectl.kubeconfig).resolve().parents[1] / node / "volumes" / AUTOSAVE_PV
-    path.mkdir(parents=True, exist_ok=True)
-    os.chown(path, 65532, 65532)
-    kubectl.apply([{
-        "apiVersion": "v1", "kind": "PersistentVolume",
-        "metadata": {"name": AUTOSAVE_PV},
-        "spec": {
-            "capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
-            "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
-            "local": {"path": str(path)},
-            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
-                {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}},
-        },
-    }])
 
 
 @pytest.fixture(scope="session")
 def example_iocs(kubectl: Kubectl, operator: str) -> dict[str, dict[str, Any]]:
     """Every example applied with kubectl, each IOC Ready (its containers really run)."""
     kubectl("create", "namespace", EXAMPLES_NS, check=False)
-    autosave_volume(kubectl, HOST_NODE)
+    local_volume(kubectl, HOST_NODE, AUTOSAVE_PV)
     docs = examples(HOST_NODE)
     kubectl.apply(docs, EXAMPLES_NS)
     names = [d["metadata"]["name"] for d in docs]

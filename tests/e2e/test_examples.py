@@ -11,9 +11,7 @@ from typing import Any
 
 import pytest
 
-from support import (
-    EXAMPLES_NS,
-    HOST_NODE,
+from ioc_testbed.incluster import (
     NAME_SERVICE_IP,
     Cells,
     ClientPod,
@@ -23,6 +21,8 @@ from support import (
     format_matrix,
     run_matrix,
 )
+
+from support import EXAMPLES_NS, HOST_NODE
 
 
 @pytest.fixture(scope="session")

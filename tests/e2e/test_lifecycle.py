@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
+from ioc_testbed.incluster import CLIENT_IMAGE, Kubectl, condition
 from ioc_testbed.waiting import wait_for
 
-from support import CLIENT_IMAGE, EXAMPLES_NS, Kubectl, condition
+from support import EXAMPLES_NS
 
 IMAGES = {
     "operator": "ghcr.io/epics-operator/ioc-operator:0.1.0",

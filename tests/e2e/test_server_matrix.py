@@ -14,17 +14,18 @@ from typing import Any
 
 import pytest
 
-from support import (
+from ioc_testbed.incluster import (
     LIBS,
     Cells,
     ClientPod,
     Kubectl,
     condition,
-    directory_client,
     failed_cells,
     format_matrix,
     run_matrix,
 )
+
+from support import directory_client
 
 NAMESPACE = "e2e-matrix"
 DB = "/epics/example/example.db"

@@ -9,8 +9,8 @@ address, so pods reach it through the `kubernetes` Service), kube-controller-man
 and kube-scheduler, then each node (`node.Node`: containerd with the images imported,
 kubelet, kube-proxy), and waits until every node is Ready.
 
-`Cluster.stop` runs on every exit (context manager, atexit, SIGTERM/SIGHUP through the
-caller's handlers) and leaves nothing behind: pods are deleted so the kubelets run CNI
+`Cluster.stop` runs on every exit (context manager, atexit, SIGTERM and SIGHUP: its own
+handlers, or the caller's if it has some) and leaves nothing behind: pods are deleted so the kubelets run CNI
 DEL, then kube-proxy and the kubelets stop, containerd's leftover tasks are killed,
 containerd stops, every process left in a node's netns or cgroups is stopped by PID,
 mounts under the node directories are unmounted, cgroups removed, sysctls restored, the
@@ -26,8 +26,10 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +40,7 @@ from ..controlplane import ControlPlane, ensure_binaries, polls
 from ..images import BuiltImage, build_all
 from ..lab.netns import _proc_start_time, netns_pids, stop_pid
 from . import hoststate
-from .network import HOST_IP, NodeAddress, NodeNetwork, node_addresses
+from .network import NodeNetwork
 from .node import Node, NodeError
 
 __all__ = ["DEFAULT_NODE_NAMES", "Cluster", "ClusterError", "cleanup_stale", "preflight"]
@@ -80,9 +82,8 @@ class Cluster:
         self.context = (context or Path.cwd()).resolve()
         self.image_names = list(images) if images is not None else None
         self.keep_logs = keep_logs
-        self.addresses: list[NodeAddress] = node_addresses(self.run_id, names)
         self.workdir = WORK_ROOT / self.run_id
-        self.network = NodeNetwork(self.run_id, self.addresses)
+        self.network = NodeNetwork(self.run_id, names)
         self.plane: ControlPlane | None = None
         self.nodes: list[Node] = []
         self.images: list[BuiltImage] = []
@@ -94,6 +95,7 @@ class Cluster:
         self.cgroup = hoststate.CgroupTree(
             f"{hoststate.own_cgroup().rstrip('/')}/ioc-testbed-{self.run_id}")
         self._started = self._stopped = False
+        self._saved_handlers: dict[int, Any] = {}
 
     # -- context manager
     def __enter__(self) -> Cluster:
@@ -119,6 +121,7 @@ class Cluster:
             raise ClusterError(why)
         self._started = True
         atexit.register(self.stop)
+        self._catch_signals()
         t0 = time.monotonic()
         try:
             cleanup_stale()
@@ -131,13 +134,13 @@ class Cluster:
             self.workdir.mkdir(parents=True)
             self.cgroup.create()
             self._write_marker()
-            self.network.create()
-            self.plane = ControlPlane(bin_dir=bin_dir, scheduler=True, address=HOST_IP,
+            slot = self.network.create()
+            self.plane = ControlPlane(bin_dir=bin_dir, scheduler=True, address=slot.host_ip,
                                       workdir=self.workdir / "control-plane")
             self.plane.start()
             self.timings["control plane"] = time.monotonic() - t1
             t2 = time.monotonic()
-            for address in self.addresses:
+            for address in self.network.nodes:
                 node = Node(self.plane, address, self.workdir / address.name,
                             f"{self.cgroup.path}/{address.name}")
                 self.nodes.append(node)
@@ -154,6 +157,21 @@ class Cluster:
             self.stop(keep_logs=True)
             raise
         return self
+
+    def _catch_signals(self) -> None:
+        """SIGTERM and SIGHUP (a killed test run, a closed terminal) tear the cluster
+        down, then end the process as the signal would have; where the process has its
+        own handlers (the demo's), those unwind to `stop` instead."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) in (signal.SIG_DFL, None):
+                self._saved_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.stop()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
     def _wait_nodes_ready(self, timeout: float = 90.0) -> None:
         names = {n.name for n in self.nodes}
@@ -177,7 +195,7 @@ class Cluster:
         self._marker.write_text(json.dumps({
             "pid": os.getpid(), "start": _proc_start_time(os.getpid()),
             "workdir": str(self.workdir), "bridge": self.network.bridge,
-            "netns": [a.netns for a in self.addresses], "sysctls": self._sysctls,
+            "netns": self.network.netns, "sysctls": self._sysctls,
             "cgroup": self.cgroup.path, "cgroup_created": [str(p) for p in self.cgroup.created],
         }))
 
@@ -185,6 +203,10 @@ class Cluster:
     def stop(self, keep_logs: bool | None = None) -> list[str]:
         """Tear everything down (see the module doc); returns what could not be undone."""
         atexit.unregister(self.stop)
+        for sig, handler in self._saved_handlers.items():
+            if signal.getsignal(sig) == self._on_signal:
+                signal.signal(sig, handler)
+        self._saved_handlers.clear()
         if self._stopped or not self._started:
             return []
         self._stopped = True

@@ -24,7 +24,7 @@ from ..controlplane import ChildProcess, ControlPlane, log_tail, polls, write_ku
 from ..images import PAUSE_IMAGE, BuiltImage
 from ..lab.netns import netns_pids, stop_pid
 from .hoststate import CgroupTree, unmount_all
-from .network import POD_CIDR, NodeAddress
+from .network import NodeAddress
 
 CNI_BIN = Path("/usr/lib/cni")
 CTR_TIMEOUT = 300.0
@@ -188,7 +188,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "healthzBindAddress": "127.0.0.1:10256",
             "metricsBindAddress": "127.0.0.1:10249",
             "mode": "iptables",
-            "clusterCIDR": str(POD_CIDR),
+            "clusterCIDR": str(self.address.slot.pod_cidr),
             "nodePortAddresses": [f"{self.ip}/32"],
             "iptables": {"localhostNodePorts": False, "syncPeriod": "30s",
                          "minSyncPeriod": "0s"},
