@@ -183,9 +183,17 @@ def first_values(watchers: dict[str, Any], pv: str, after: float = 0.0
         time.sleep(0.1)
 
 
-def report(what: str, reached: dict[str, float | None], since: float) -> None:
+def learn_and_reach(site: Site, watchers: dict[str, Any], pv: str, what: str) -> float:
+    """The table learns the IOCs as they are now; every watching client must then get a
+    value of `pv` (within REACH s). Stops the watchers; returns when the table learned."""
+    learned = site.service.set_iocs(site.entries())
+    reached = first_values(watchers, pv, learned)
+    for w in watchers.values():
+        site.lab.stop(w)
     print(f"\nseconds from {what} to the first value: " + ", ".join(
-        f"{lib} {t - since:.2f}" if t else f"{lib} never" for lib, t in reached.items()))
+        f"{lib} {t - learned:.2f}" if t else f"{lib} never" for lib, t in reached.items()))
+    assert all(reached.values()), reached
+    return learned
 
 
 def test_running_clients_reach_an_ioc_created_after_they_started(site):
@@ -195,12 +203,7 @@ def test_running_clients_reach_an_ioc_created_after_they_started(site):
     time.sleep(6)  # the clients search, get no answer and back off
     running, rendered = site.run("late", "softioc-pvxs", "pod", "LATE:")
     site.iocs.append((running, rendered))
-    learned = site.service.set_iocs(site.entries())
-    reached = first_values(watchers, pv, learned)
-    for w in watchers.values():
-        site.lab.stop(w)
-    report("the table learning the IOC", reached, learned)
-    assert all(reached.values()), reached
+    learn_and_reach(site, watchers, pv, "the table learning the IOC")
 
 
 def test_running_clients_reach_an_ioc_that_moved(site):
@@ -224,12 +227,7 @@ def test_running_clients_reach_an_ioc_that_moved(site):
     assert moved.address != old_address
     site.keys[id(moved)] = "lab/mover"
     site.iocs.append((moved, moved_rendered))
-    learned = site.service.set_iocs(site.entries())
-    again = first_values(watchers, pv, learned)
-    for w in watchers.values():
-        site.lab.stop(w)
-    report("the table learning the move", again, learned)
-    assert all(again.values()), again
+    learned = learn_and_reach(site, watchers, pv, "the table learning the move")
     # and values come from the new IOC: its counter restarted
     for lib, w in watchers.items():
         events = read_events(w)

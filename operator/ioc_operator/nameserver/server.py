@@ -20,6 +20,7 @@ import socket
 import time
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..gateways import ca_wire as w
 from ..gateways.ca_downstream import bind_udp
@@ -131,20 +132,95 @@ class _Output:
             self.transport.resume_reading()
 
 
-# ============================================================================ CA
-class _CaTcpAsker:
-    __slots__ = ("cid", "circuit", "key")
+class _TcpAsker:
+    """A client on a TCP circuit waiting for a name (see resolver.Asker)."""
 
-    def __init__(self, circuit: CaCircuit, cid: int) -> None:
+    __slots__ = ("cid", "circuit", "key", "sequence")
+
+    def __init__(self, circuit: CaCircuit | PvaCircuit, cid: int, sequence: int = 0) -> None:
         self.circuit = circuit
         self.cid = cid
+        self.sequence = sequence
         self.key: Hashable = (id(circuit), cid)
 
     def answer(self, ioc: IOC) -> None:
-        self.circuit.answer(ioc, self.cid)
+        self.circuit.answer(ioc, [self.cid], self.sequence)
 
     def alive(self) -> bool:
         return not self.circuit.output.closed
+
+
+class _UdpAsker:
+    """A client that searched over UDP, waiting for a name."""
+
+    __slots__ = ("addr", "cid", "key", "listener", "sequence")
+
+    def __init__(self, listener: _UdpListener, addr: tuple[str, int], cid: int,
+                 sequence: int) -> None:
+        self.listener = listener
+        self.addr = addr
+        self.cid = cid
+        self.sequence = sequence
+        self.key: Hashable = (addr, cid)
+
+    def answer(self, ioc: IOC) -> None:
+        internal = _is_internal(self.listener.server.config.internal_networks, self.addr[0])
+        self.listener.answer(self.addr, self.sequence, ioc, self.cid, internal)
+
+    def alive(self) -> bool:
+        return True
+
+
+class _UdpListener(asyncio.DatagramProtocol):
+    """A UDP search port. Answers found in one loop iteration are sent together, one
+    datagram (or more) per client and IOC: caproto's threading client gives every name
+    of a datagram the last reply's address, and pvxs reads one message per datagram."""
+
+    def __init__(self, server: NameServer) -> None:
+        self.server = server
+        self.transport: asyncio.DatagramTransport | None = None
+        # (client, IOC) -> (the client's sequence number, answers: messages or cids)
+        self._replies: dict[tuple[tuple[str, int], IOC], tuple[int, list[Any]]] = {}
+        self._dirty = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("%s: %s", type(self).__name__, exc)
+
+    def answer(self, addr: tuple[str, int], sequence: int, ioc: IOC, cid: int,
+               internal: bool) -> None:
+        item = self._item(ioc, cid)
+        if item is None or not (internal or ioc.external):
+            return
+        entry = self._replies.get((addr, ioc))
+        if entry is None:
+            self._replies[(addr, ioc)] = (sequence, [item])
+        else:
+            entry[1].append(item)
+        if not self._dirty:
+            self._dirty = True
+            self.server.mark(self)
+
+    def flush(self) -> None:
+        self._dirty = False
+        replies, self._replies = self._replies, {}
+        if self.transport is None or self.transport.is_closing():
+            return
+        for (addr, ioc), (sequence, items) in replies.items():
+            for datagram in self._datagrams(ioc, sequence, items):
+                self.transport.sendto(datagram, addr)
+
+    def _item(self, ioc: IOC, cid: int) -> Any:
+        """What one answer adds to a reply (None: this IOC does not serve the protocol)."""
+        raise NotImplementedError
+
+    def _datagrams(self, ioc: IOC, sequence: int, items: list[Any]) -> list[bytes]:
+        raise NotImplementedError
+
+
+# ============================================================================ CA
 
 
 class CaCircuit(asyncio.Protocol):
@@ -198,9 +274,9 @@ class CaCircuit(asyncio.Protocol):
                 return
             self.server.stats["ca_tcp_searches"] += 1
             ioc = self.server.lookup(CA, search.name, self.output.internal,
-                                     lambda: _CaTcpAsker(self, search.cid), self.output.host)
+                                     lambda: _TcpAsker(self, search.cid), self.output.host)
             if ioc is not None:
-                self.answer(ioc, search.cid)
+                self.answer(ioc, [search.cid])
             elif search.reply and self.server.resolver.negative_hit(CA, search.name):
                 self.output.queue(ca.not_found(search))
         elif command == w.ECHO:
@@ -215,47 +291,16 @@ class CaCircuit(asyncio.Protocol):
             rlog.debug(("ca-cmd", command), "CA client %s: ignored command %d",
                        self.output.peer, command)
 
-    def answer(self, ioc: IOC, cid: int) -> None:
+    def answer(self, ioc: IOC, cids: list[int], sequence: int = 0) -> None:
         endpoint = ioc.ca
         if endpoint is None or not (self.output.internal or ioc.external):
             return
-        self.output.queue(ca.search_reply_tcp(endpoint.ip, endpoint.port, cid))
+        for cid in cids:
+            self.output.queue(ca.search_reply_tcp(endpoint.ip, endpoint.port, cid))
 
 
-class _CaUdpAsker:
-    __slots__ = ("addr", "cid", "key", "sequence", "udp")
-
-    def __init__(self, udp: CaUdp, addr: tuple[str, int], cid: int, sequence: int) -> None:
-        self.udp = udp
-        self.addr = addr
-        self.cid = cid
-        self.sequence = sequence
-        self.key: Hashable = (addr, cid)
-
-    def answer(self, ioc: IOC) -> None:
-        self.udp.answer(self.addr, self.sequence, ioc, self.cid,
-                        _is_internal(self.udp.server.config.internal_networks, self.addr[0]))
-
-    def alive(self) -> bool:
-        return True
-
-
-class CaUdp(asyncio.DatagramProtocol):
-    """CA unicast searches (EPICS_CA_ADDR_LIST); one reply datagram per IOC, because
-    caproto's threading client gives every name of a datagram the last reply's
-    address."""
-
-    def __init__(self, server: NameServer) -> None:
-        self.server = server
-        self.transport: asyncio.DatagramTransport | None = None
-        self._replies: dict[tuple[tuple[str, int], IOC], tuple[int, list[bytes]]] = {}
-        self._dirty = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("CA UDP: %s", exc)
+class CaUdp(_UdpListener):
+    """CA unicast searches (EPICS_CA_ADDR_LIST)."""
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         server = self.server
@@ -277,7 +322,7 @@ class CaUdp(asyncio.DatagramProtocol):
             ioc = resolver.cached(CA, search.name)
             if ioc is None:
                 ioc = server.lookup(CA, search.name, internal,
-                                    lambda s=search: _CaUdpAsker(self, addr, s.cid, sequence),
+                                    lambda s=search: _UdpAsker(self, addr, s.cid, sequence),
                                     addr[0])
             if ioc is not None:
                 self.answer(addr, sequence, ioc, search.cid, internal)
@@ -287,50 +332,18 @@ class CaUdp(asyncio.DatagramProtocol):
             for datagram in ca.pack_datagrams(sequence, not_found):
                 self.transport.sendto(datagram, addr)
 
-    def answer(self, addr: tuple[str, int], sequence: int, ioc: IOC, cid: int,
-               internal: bool) -> None:
+    def _item(self, ioc: IOC, cid: int) -> bytes | None:
         endpoint = ioc.ca
-        if endpoint is None or not (internal or ioc.external):
-            return
-        key = (addr, ioc)
-        entry = self._replies.get(key)
-        message = ca.search_reply_udp(endpoint.ip, endpoint.port, cid)
-        if entry is None:
-            self._replies[key] = (sequence, [message])
-        else:
-            entry[1].append(message)
-        if not self._dirty:
-            self._dirty = True
-            self.server.mark(self)
+        return None if endpoint is None else ca.search_reply_udp(endpoint.ip, endpoint.port,
+                                                                 cid)
 
-    def flush(self) -> None:
-        self._dirty = False
-        replies, self._replies = self._replies, {}
-        if self.transport is None or self.transport.is_closing():
-            return
-        for (addr, _ioc), (sequence, messages) in replies.items():
-            for datagram in ca.pack_datagrams(sequence, messages):
-                self.transport.sendto(datagram, addr)
-                self.server.stats["ca_udp_datagrams_out"] += 1
+    def _datagrams(self, ioc: IOC, sequence: int, items: list[Any]) -> list[bytes]:
+        out = ca.pack_datagrams(sequence, items)
+        self.server.stats["ca_udp_datagrams_out"] += len(out)
+        return out
 
 
 # ============================================================================ PVA
-class _PvaTcpAsker:
-    __slots__ = ("cid", "circuit", "key", "sequence")
-
-    def __init__(self, circuit: PvaCircuit, cid: int, sequence: int) -> None:
-        self.circuit = circuit
-        self.cid = cid
-        self.sequence = sequence
-        self.key: Hashable = (id(circuit), cid)
-
-    def answer(self, ioc: IOC) -> None:
-        self.circuit.answer(ioc, [self.cid], self.sequence)
-
-    def alive(self) -> bool:
-        return not self.circuit.output.closed
-
-
 class PvaCircuit(asyncio.Protocol):
     """A client's TCP connection: pvxs's EPICS_PVA_NAME_SERVERS searches."""
 
@@ -405,7 +418,7 @@ class PvaCircuit(asyncio.Protocol):
             ioc = resolver.cached(PVA, name)
             if ioc is None:
                 ioc = server.lookup(PVA, name, self.output.internal,
-                                    lambda c=cid: _PvaTcpAsker(self, c, seq), self.output.host)
+                                    lambda c=cid: _TcpAsker(self, c, seq), self.output.host)
             if ioc is not None:
                 groups.setdefault(ioc, []).append(cid)
         for ioc, cids in groups.items():
@@ -425,39 +438,9 @@ class PvaCircuit(asyncio.Protocol):
                 cids[i:i + PVA_CIDS_PER_TCP_RESPONSE], big_endian=True))
 
 
-class _PvaUdpAsker:
-    __slots__ = ("addr", "cid", "key", "sequence", "udp")
-
-    def __init__(self, udp: PvaUdp, addr: tuple[str, int], cid: int, sequence: int) -> None:
-        self.udp = udp
-        self.addr = addr
-        self.cid = cid
-        self.sequence = sequence
-        self.key: Hashable = (addr, cid)
-
-    def answer(self, ioc: IOC) -> None:
-        self.udp.answer(self.addr, self.sequence, ioc, self.cid,
-                        _is_internal(self.udp.server.config.internal_networks, self.addr[0]))
-
-    def alive(self) -> bool:
-        return True
-
-
-class PvaUdp(asyncio.DatagramProtocol):
+class PvaUdp(_UdpListener):
     """PVA unicast searches (EPICS_PVA_ADDR_LIST: pvAccessCPP clients, pvxs without
-    name servers). pvxs reads one message per datagram: one response per datagram."""
-
-    def __init__(self, server: NameServer) -> None:
-        self.server = server
-        self.transport: asyncio.DatagramTransport | None = None
-        self._replies: dict[tuple[tuple[str, int], IOC], tuple[int, list[int]]] = {}
-        self._dirty = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("PVA UDP: %s", exc)
+    name servers)."""
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         server = self.server
@@ -491,7 +474,7 @@ class PvaUdp(asyncio.DatagramProtocol):
             ioc = resolver.cached(PVA, name)
             if ioc is None:
                 ioc = server.lookup(PVA, name, internal,
-                                    lambda c=cid: _PvaUdpAsker(self, reply_to, c, seq), addr[0])
+                                    lambda c=cid: _UdpAsker(self, reply_to, c, seq), addr[0])
             if ioc is not None:
                 answered = True
                 self.answer(reply_to, seq, ioc, cid, internal)
@@ -500,33 +483,17 @@ class PvaUdp(asyncio.DatagramProtocol):
                 _Guid.value, seq, None, server.config.pva_port, [], big_endian=True,
                 found=False), reply_to)
 
-    def answer(self, addr: tuple[str, int], sequence: int, ioc: IOC, cid: int,
-               internal: bool) -> None:
-        if ioc.pva is None or not (internal or ioc.external):
-            return
-        key = (addr, ioc)
-        entry = self._replies.get(key)
-        if entry is None:
-            self._replies[key] = (sequence, [cid])
-        else:
-            entry[1].append(cid)
-        if not self._dirty:
-            self._dirty = True
-            self.server.mark(self)
+    def _item(self, ioc: IOC, cid: int) -> int | None:
+        return None if ioc.pva is None else cid
 
-    def flush(self) -> None:
-        self._dirty = False
-        replies, self._replies = self._replies, {}
-        if self.transport is None or self.transport.is_closing():
-            return
-        for (addr, ioc), (sequence, cids) in replies.items():
-            endpoint = ioc.pva
-            assert endpoint is not None
-            for i in range(0, len(cids), PVA_CIDS_PER_DATAGRAM):
-                self.transport.sendto(pva.encode_search_response(
-                    ioc.guid, sequence, endpoint.host, endpoint.port,
-                    cids[i:i + PVA_CIDS_PER_DATAGRAM], big_endian=True), addr)
-                self.server.stats["pva_udp_datagrams_out"] += 1
+    def _datagrams(self, ioc: IOC, sequence: int, items: list[Any]) -> list[bytes]:
+        endpoint = ioc.pva
+        assert endpoint is not None
+        out = [pva.encode_search_response(ioc.guid, sequence, endpoint.host, endpoint.port,
+                                          items[i:i + PVA_CIDS_PER_DATAGRAM], big_endian=True)
+               for i in range(0, len(items), PVA_CIDS_PER_DATAGRAM)]
+        self.server.stats["pva_udp_datagrams_out"] += len(out)
+        return out
 
 
 # ============================================================================ server
@@ -544,7 +511,7 @@ class NameServer:
             ("ca_udp_searches", "ca_tcp_searches", "pva_udp_searches", "pva_tcp_searches",
              "ca_udp_datagrams_out", "pva_udp_datagrams_out", "bad_messages", "bad_names",
              "ignored_messages", "answers_dropped", "outside_refused"), 0)
-        self._dirty: list[_Output | CaUdp | PvaUdp] = []
+        self._dirty: list[_Output | _UdpListener] = []
         self._flush_scheduled = False
         self._servers: list[asyncio.AbstractServer] = []
         self._udp: list[asyncio.BaseTransport] = []
@@ -567,7 +534,7 @@ class NameServer:
             return None
         return ioc
 
-    def mark(self, item: _Output | CaUdp | PvaUdp) -> None:
+    def mark(self, item: _Output | _UdpListener) -> None:
         self._dirty.append(item)
         self.schedule_flush()
 
