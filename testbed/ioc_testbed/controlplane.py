@@ -585,6 +585,9 @@ class ControlPlane:
         if self.with_scheduler:
             self._wait_component("kube-scheduler", self.ports["scheduler"])
 
+    def processes(self) -> list[ChildProcess]:
+        return list(self._procs.values())
+
     @property
     def apiserver_running(self) -> bool:
         return self._procs["kube-apiserver"].running
@@ -814,6 +817,8 @@ class ControlPlane:
             f"--cluster-signing-key-file={pki.ca.key}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--cluster-name=ioc-test",
+            # Its default, /usr/libexec/kubernetes/..., would be created on the host.
+            f"--flex-volume-plugin-dir={self.workdir / 'flexvolume'}",
             f"--v={self.verbosity}",
         ]
 

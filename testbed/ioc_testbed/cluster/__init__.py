@@ -10,11 +10,13 @@ and kube-scheduler, then each node (`node.Node`: containerd with the images impo
 kubelet, kube-proxy), and waits until every node is Ready.
 
 `Cluster.stop` runs on every exit (context manager, atexit, SIGTERM and SIGHUP: its own
-handlers, or the caller's if it has some) and leaves nothing behind: pods are deleted so the kubelets run CNI
-DEL, then kube-proxy and the kubelets stop, containerd's leftover tasks are killed,
-containerd stops, every process left in a node's netns or cgroups is stopped by PID,
-mounts under the node directories are unmounted, cgroups removed, sysctls restored, the
-network removed. `residue()` lists anything still there; a run killed with SIGKILL is
+handlers, or the caller's if it has some) and leaves nothing behind: pods are deleted so
+the kubelets run CNI DEL, then kube-proxy and the kubelets stop, containerd's leftover
+tasks are killed, containerd stops, every process left in a node's netns or cgroups is
+stopped by PID, mounts under the node directories are unmounted, cgroups removed,
+sysctls restored, the network removed, and the last cluster of the machine to stop
+removes the paths the kubelet and containerd use whatever they are told (hoststate).
+`residue()` lists anything still there; a run killed with SIGKILL is
 cleaned by the next one (`cleanup_stale`).
 """
 
@@ -46,7 +48,7 @@ from .node import Node, NodeError
 __all__ = ["DEFAULT_NODE_NAMES", "Cluster", "ClusterError", "cleanup_stale", "preflight"]
 
 DEFAULT_NODE_NAMES = ("beamline-01", "beamline-02")
-STATE_DIR = Path("/run/ioc-testbed")
+STATE_DIR = hoststate.STATE_DIR
 WORK_ROOT = Path("/var/lib/ioc-testbed")
 REQUIRED_TOOLS = ("containerd", "runc", "ctr", "nsenter", "ip", "iptables", "conntrack",
                   "buildah", "debootstrap", "gcc")
@@ -130,6 +132,7 @@ class Cluster:
             t1 = time.monotonic()
             bin_dir = ensure_binaries()
             self._sysctls = hoststate.read_sysctls()
+            hoststate.note_shared_paths()
             self._cni_before = hoststate.cni_netns()
             self.workdir.mkdir(parents=True)
             self.cgroup.create()
@@ -138,6 +141,7 @@ class Cluster:
             self.plane = ControlPlane(bin_dir=bin_dir, scheduler=True, address=slot.host_ip,
                                       workdir=self.workdir / "control-plane")
             self.plane.start()
+            self._write_marker()  # with the control plane's PIDs
             self.timings["control plane"] = time.monotonic() - t1
             t2 = time.monotonic()
             for address in self.network.nodes:
@@ -150,6 +154,7 @@ class Cluster:
                     done.result()
             for node in self.nodes:
                 node.start_kubelet()
+            self._write_marker()  # with the nodes' PIDs
             self._wait_nodes_ready()
             self.timings["nodes"] = time.monotonic() - t2
             self.timings["start"] = time.monotonic() - t0
@@ -197,7 +202,14 @@ class Cluster:
             "workdir": str(self.workdir), "bridge": self.network.bridge,
             "netns": self.network.netns, "sysctls": self._sysctls,
             "cgroup": self.cgroup.path, "cgroup_created": [str(p) for p in self.cgroup.created],
+            "processes": [[pid, _proc_start_time(pid)] for pid in self.pids()],
         }))
+
+    def pids(self) -> list[int]:
+        """PIDs of the processes this cluster started (control plane and nodes)."""
+        procs = list(self.plane.processes()) if self.plane else []
+        procs += [p for node in self.nodes for p in node.procs.values()]
+        return [p.popen.pid for p in procs if p.popen is not None]
 
     # -- stop
     def stop(self, keep_logs: bool | None = None) -> list[str]:
@@ -221,6 +233,8 @@ class Cluster:
         problems += self.cgroup.remove()
         problems += self._remove_cni_netns()
         problems += self.network.destroy()
+        self._marker.unlink(missing_ok=True)
+        problems += hoststate.remove_shared_paths(len(live_clusters()))
         problems += [f"sysctl {k}" for k in hoststate.restore_sysctls(self._sysctls)]
         for link in hoststate.container_log_links([self.workdir]):
             link.unlink(missing_ok=True)
@@ -232,7 +246,6 @@ class Cluster:
                     shutil.rmtree(node.dir / sub, ignore_errors=True)
         else:
             shutil.rmtree(self.workdir, ignore_errors=True)
-        self._marker.unlink(missing_ok=True)
         self.timings["stop"] = time.monotonic() - t0
         return problems
 
@@ -286,7 +299,20 @@ class Cluster:
             left.append(f"directory {self.workdir}")
         if self._marker.exists():
             left.append(f"marker {self._marker}")
+        if not live_clusters():
+            left += [f"path {p}" for p in hoststate.shared_paths_left()]
         return left
+
+
+def live_clusters(state_dir: Path = STATE_DIR) -> list[str]:
+    """Run ids of the clusters whose process is alive (their markers)."""
+    live = []
+    for marker in sorted(state_dir.glob("*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            info = json.loads(marker.read_text())
+            if _proc_start_time(int(info.get("pid", 0))) == info.get("start"):
+                live.append(marker.stem)
+    return live
 
 
 def cleanup_stale(state_dir: Path = STATE_DIR) -> list[str]:
@@ -301,6 +327,9 @@ def cleanup_stale(state_dir: Path = STATE_DIR) -> list[str]:
             continue
         if _proc_start_time(int(info.get("pid", 0))) == info.get("start"):
             continue  # its owner is alive
+        for pid, start in info.get("processes", []):  # control plane, kubelets, ...
+            if _proc_start_time(pid) == start:  # the same process, not a reused PID
+                stop_pid(pid, grace=5.0)
         for ns in info.get("netns", []):
             if Path(f"/run/netns/{ns}").exists():
                 for pid in netns_pids(ns):
@@ -325,6 +354,8 @@ def cleanup_stale(state_dir: Path = STATE_DIR) -> list[str]:
         hoststate.restore_sysctls(info.get("sysctls", {}))
         marker.unlink(missing_ok=True)
         removed.append(marker.stem)
+    if removed:
+        hoststate.remove_shared_paths(len(live_clusters(state_dir)))
     return removed
 
 

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import json
 import os
-from collections.abc import Iterable
+import shutil
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +33,72 @@ SYSCTLS = (
 )
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CONTAINER_LOG_LINKS = Path("/var/log/containers")  # the kubelet's, fixed in its code
+# Paths the kubelet and containerd use whatever they are told (fixed in their code):
+# the device plugin socket, the container log links, go-cni's result cache, the shims'
+# sockets. Shared by every cluster on the machine: removed (if a cluster made them) by
+# the last one to stop.
+DEVICE_PLUGIN_SOCKET = Path("/var/lib/kubelet/device-plugins/kubelet.sock")
+SHARED_PATHS = (Path("/var/lib/kubelet"), CONTAINER_LOG_LINKS, Path("/var/lib/cni"),
+                Path("/run/containerd"))
+STATE_DIR = Path("/run/ioc-testbed")
+MADE = STATE_DIR / "shared-paths.list"  # JSON: the shared paths the test bed created
+
+
+@contextlib.contextmanager
+def host_lock(name: str, timeout: float = 120.0) -> Iterator[None]:
+    """A lock shared by every cluster of the machine (flock on /run/ioc-testbed/NAME)."""
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    with (STATE_DIR / f"{name}.lock").open("w") as f:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"lock {name} busy for {timeout:.0f} s") from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def note_shared_paths() -> None:
+    """Before a cluster starts: remember which shared paths do not exist yet."""
+    with host_lock("shared-paths"):
+        made = set(json.loads(MADE.read_text())) if MADE.exists() else set()
+        made |= {str(p) for p in SHARED_PATHS if not p.exists()}
+        MADE.write_text(json.dumps(sorted(made)))
+
+
+def remove_shared_paths(live_clusters: int) -> list[str]:
+    """After a cluster stopped: if no other cluster is live, remove the shared paths the
+    test bed created (whatever is in them is the clusters' own)."""
+    if live_clusters:
+        return []
+    problems = []
+    with host_lock("shared-paths"):
+        made = json.loads(MADE.read_text()) if MADE.exists() else []
+        for path in map(Path, made):
+            shutil.rmtree(path, ignore_errors=True)
+            if path.exists():
+                problems.append(f"path {path}")
+        MADE.unlink(missing_ok=True)
+    return problems
+
+
+def shared_paths_left() -> list[str]:
+    made = json.loads(MADE.read_text()) if MADE.exists() else []
+    return [p for p in made if Path(p).exists()]
+
+
+def made_ns(path: Path) -> int | None:
+    """When the file at `path` was last (re)made, in ns since the epoch; None if absent."""
+    try:
+        return path.stat().st_ctime_ns
+    except OSError:
+        return None
 
 
 def read_sysctls() -> dict[str, str]:

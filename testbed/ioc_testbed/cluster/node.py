@@ -23,7 +23,7 @@ import yaml
 from ..controlplane import ChildProcess, ControlPlane, log_tail, polls, write_kubeconfig
 from ..images import PAUSE_IMAGE, BuiltImage
 from ..lab.netns import netns_pids, stop_pid
-from .hoststate import CgroupTree, unmount_all
+from .hoststate import DEVICE_PLUGIN_SOCKET, CgroupTree, host_lock, made_ns, unmount_all
 from .network import NodeAddress
 
 CNI_BIN = Path("/usr/lib/cni")
@@ -227,8 +227,22 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         self._wait_containerd()
         self.timings["containerd"] = time.monotonic() - t0
 
-    def start_kubelet(self) -> None:
-        self.procs["kubelet"].start()
+    def start_kubelet(self, timeout: float = 60.0) -> None:
+        """kubelet, then kube-proxy. Every kubelet of the machine serves its device
+        plugin registry at one fixed path, wiping the directory first: two starting at
+        once fail "address already in use". So one at a time, each until its socket is
+        there (the next one replaces it; nothing here uses device plugins)."""
+        with host_lock("kubelet-start", timeout=2 * timeout):
+            # A socket made after this (not its inode: ext4 reuses it at once).
+            started_ns = time.time_ns()
+            self.procs["kubelet"].start()
+            for _ in polls(timeout, 0.05):
+                self.check_running()
+                if (made_ns(DEVICE_PLUGIN_SOCKET) or 0) >= started_ns:
+                    break
+            else:
+                raise NodeError(f"kubelet of {self.name} served no device plugin socket "
+                                f"within {timeout:.0f} s:\n{self.procs['kubelet'].describe()}")
         self.procs["kube-proxy"].start()
 
     def ctr(self, *args: str, timeout: float = CTR_TIMEOUT,
