@@ -44,6 +44,9 @@ class Target:
     pv: str
     period: float
     env: tuple[tuple[str, str], ...]
+    # Probed only once the IOC is Ready: before that a failed read says nothing, and the
+    # IOC becoming Ready (a changed target) probes at once.
+    ready: bool = True
     # the newest generation seen, for the condition's observedGeneration
     generation: int | None = field(default=None, compare=False)
 
@@ -54,10 +57,16 @@ def target(body: dict[str, Any]) -> Target | None:
     probe = spec.get("probe") or {}
     if not probe.get("pv"):
         return None
-    env = (body.get("status") or {}).get("clientEnv") or {}
+    status = body.get("status") or {}
+    env = status.get("clientEnv") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                for c in status.get("conditions") or [])
     return Target(meta["namespace"], meta["name"], meta["uid"], probe["pv"],
                   float(probe.get("periodSeconds") or 30), tuple(sorted(env.items())),
-                  meta.get("generation"))
+                  ready, meta.get("generation"))
+
+
+NOT_READY = Cond("Reachable", None, "NotReady", "not probed until the IOC is Ready")
 
 
 def reachable_condition(result: dict[str, Any]) -> Cond:
@@ -162,25 +171,36 @@ class Prober:
         wake.clear()
 
     async def _run(self, uid: str) -> None:
-        loop = asyncio.get_running_loop()
         failures = 0
+        written: Cond | None = None
         first = self._targets[uid]
-        await self._sleep(uid, first_delay(uid, first.period))
+        if first.ready:  # an IOC seen Ready at a cold start: spread the first probes
+            await self._sleep(uid, first_delay(uid, first.period))
         while uid in self._targets:
             now = self._targets[uid]
+            if not now.ready:
+                if written != NOT_READY:
+                    await self._report(now, {"reachability": None}, NOT_READY)
+                    written = NOT_READY
+                await self._sleep(uid, now.period)  # woken when it becomes Ready
+                continue
             env = dict(now.env)
             async with self._slots:
                 result = await self._probe(now.pv, env) if env else {}
             cond = reachable_condition(result)
             failures = 0 if cond.status else failures + 1
-            status = {"reachability": dict(result) or None}
-            latest = self._targets.get(uid, now)
-            # in this task's context: kopf.event() needs the context variables kopf set
-            write = functools.partial(contextvars.copy_context().run, self._write,
-                                      latest, status, cond)
-            try:
-                await loop.run_in_executor(None, write)
-            except Exception as exc:  # whatever it was, the next probe writes again
-                log.warning("reachability of %s/%s not written: %s",
-                            now.namespace, now.name, exc)
+            await self._report(self._targets.get(uid, now),
+                               {"reachability": dict(result) or None}, cond)
+            written = cond
             await self._sleep(uid, next_delay(now.period, failures))
+
+    async def _report(self, latest: Target, status: dict[str, Any], cond: Cond) -> None:
+        loop = asyncio.get_running_loop()
+        # in this task's context: kopf.event() needs the context variables kopf set
+        write = functools.partial(contextvars.copy_context().run, self._write,
+                                  latest, status, cond)
+        try:
+            await loop.run_in_executor(None, write)
+        except Exception as exc:  # whatever it was, the next probe writes again
+            log.warning("reachability of %s/%s not written: %s",
+                        latest.namespace, latest.name, exc)

@@ -75,6 +75,9 @@ def run(examples: Path, repo: Path) -> bool:
             kubectl.apply(docs)
             kubectl("-n", NAMESPACE, "wait", "--for=condition=Ready", "iocs", "--all",
                     "--timeout=180s", timeout=200)
+            # The operator reads each IOC's probe PV (spec.probe) once it is Ready.
+            kubectl("-n", NAMESPACE, "wait", "--for=condition=Reachable", "iocs", "--all",
+                    "--timeout=60s", check=False, timeout=80)
         say(f"kubectl get iocs -n {NAMESPACE}")
         print(kubectl("-n", NAMESPACE, "get", "iocs").stdout, flush=True)
         client = ClientPod(kubectl, NAMESPACE, name="client", node=CLIENT_NODE).create()

@@ -1,8 +1,9 @@
 """The probe scheduler: one task per probed IOC, retargeted by events, bounded in number.
 
 The probe itself is replaced by a coroutine here (the real one, a child process
-reading real servers, is covered by tests/lab/test_probe.py and
-tests/integration/test_reachability.py); what is tested is the scheduling.
+reading real servers, is covered by tests/e2e (every example Reachable from the
+operator's pod) and tests/integration/test_reachability.py); what is tested is the
+scheduling.
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ ENV = {"EPICS_CA_ADDR_LIST": "198.18.0.2:5064", "EPICS_CA_AUTO_ADDR_LIST": "NO"}
 
 
 def ioc(uid: str = "u1", pv: str | None = "X:HB", period: float | None = 0.01,
-        env: dict[str, str] | None = None, generation: int = 1) -> dict[str, Any]:
+        env: dict[str, str] | None = None, generation: int = 1,
+        ready: bool = True) -> dict[str, Any]:
     probe = {k: v for k, v in (("pv", pv), ("periodSeconds", period)) if v is not None}
     return {"metadata": {"namespace": "ns", "name": f"ioc-{uid}", "uid": uid,
                          "generation": generation},
             "spec": {"probe": probe},
-            "status": {"clientEnv": ENV if env is None else env}}
+            "status": {"clientEnv": ENV if env is None else env,
+                       "conditions": [{"type": "Ready", "status": str(ready)}]}}
 
 
 class Recorder:
@@ -237,3 +240,24 @@ def test_the_real_probe_process_is_killed_when_its_task_is_cancelled():
     assert empty == {}
     assert running, "the probe process never started"
     assert not after, f"probe processes left behind: {after}"
+
+
+def test_an_ioc_is_probed_only_once_ready_and_then_at_once():
+    """Probing before the pod runs reported Unreachable for IOCs that were fine a
+    second later (seen in the demo on real nodes)."""
+    async def scenario() -> None:
+        rec = Recorder()
+        prober = Prober(rec.write, rec.probe)
+        prober.set("u1", target(ioc(period=30, ready=False)))
+        await until("the NotReady condition", lambda: rec.writes)
+        await asyncio.sleep(0.05)
+        assert rec.probes == []
+        assert [(w[2].status, w[2].reason) for w in rec.writes] == [(None, "NotReady")]
+        start = time.monotonic()
+        prober.set("u1", target(ioc(period=30, ready=True)))
+        await until("a probe", lambda: rec.probes)
+        assert rec.probes[0][0] - start < 0.5  # at once, not a period or a spread later
+        await until("Reachable", lambda: rec.writes[-1][2].status is True)
+        await prober.stop()
+
+    asyncio.run(scenario())
