@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Create the kind cluster (cluster.yaml), build the images with docker, load them into
-# the cluster and install the Helm chart. Safe to run again: an existing cluster is
-# reused, images are rebuilt and reloaded, the release is upgraded.
+# Create the kind cluster (cluster.yaml), build the images of docker/ with docker (the
+# operator, the gateways and name server, the example IOCs), load them into the cluster
+# and install the Helm chart. Safe to run again: an existing cluster is reused, images
+# are rebuilt and reloaded, the release is upgraded.
 #
-# Needs docker, kind, kubectl, and helm (or Go: then tests/chart/build-helm.sh builds
-# helm). Environment: KIND_CLUSTER (default ioc-operator), HELM (a helm binary).
+# Needs docker, kind, kubectl, and helm (or Go: then
+# testbed/ioc_testbed/kubernetes/build-helm.sh builds helm). Environment: KIND_CLUSTER
+# (default ioc-operator), HELM (a helm binary).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -30,7 +32,7 @@ done
 helm=${HELM:-$(command -v helm || true)}
 if [[ -z $helm ]]; then
     log "no helm in PATH: building it from the Go module proxy"
-    helm=$(bash "$repo/tests/chart/build-helm.sh")
+    helm=$(bash "$repo/testbed/ioc_testbed/kubernetes/build-helm.sh")
 fi
 
 # The images carry the chart's appVersion, which is the tag the chart uses by default.
