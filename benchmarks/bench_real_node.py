@@ -19,11 +19,10 @@ bench-node` or python -m benchmarks.bench_real_node).
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import platform
 import statistics
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -36,47 +35,13 @@ from kubernetes import watch as k8s_watch
 from ioc_testbed.cluster import Cluster
 from ioc_testbed.helm import Helm, build_helm
 from ioc_testbed.incluster import CLIENT_IMAGE as IMAGE
-from ioc_testbed.incluster import NAME_SERVICE_IP
+from ioc_testbed.incluster import NAME_SERVICE_IP, ClientPod, Kubectl, Watch
 from ioc_testbed.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 IOC_API = ("epics-operator.io", "v1alpha1", "iocs")
 NS = "bench-node"
 READ_TIMEOUT = 30.0
-
-# Runs in the client pod: for each request line, create the channels (CA and PVA) at
-# once, say "armed", then report when each first read succeeded (wall-clock time: the
-# pod and the host share the kernel's clock).
-READER = r'''
-import json, sys, threading, time
-from epics import ca
-from p4p.client.thread import Context
-ctx = Context("pva")
-for line in sys.stdin:
-    req = json.loads(line)
-    pv, deadline = req["pv"], time.time() + req["timeout"]
-    out = {"pv": pv, "ca": None, "pva": None}
-    def pva():
-        while time.time() < deadline:
-            try:
-                ctx.get(pv, timeout=0.2)
-                out["pva"] = time.time()
-                return
-            except Exception:
-                pass
-    chid = ca.create_channel(pv, connect=False, auto_cb=False)
-    thread = threading.Thread(target=pva)
-    thread.start()
-    print(json.dumps({"armed": pv}), flush=True)
-    while time.time() < deadline:
-        if ca.connect_channel(chid, timeout=0.02) and ca.get(chid, timeout=1) is not None:
-            out["ca"] = time.time()
-            break
-    thread.join()
-    ca.clear_channel(chid)
-    print(json.dumps(out), flush=True)
-'''
-
 
 class Watcher:
     """First time each pod is Running and each IOC is Ready, as the watch delivers them."""
@@ -141,7 +106,6 @@ def bench(n: int, modes: list[str]) -> list[tuple[str, str, str]]:
     try:
         plane = cluster.plane
         assert plane is not None and plane.bin_dir is not None
-        kubectl = [str(plane.bin_dir / "kubectl"), f"--kubeconfig={cluster.kubeconfig}"]
         helm = Helm(build_helm(), cluster.workdir / "helm", ROOT / "charts" / "ioc-operator")
         helm.install_operator(cluster.kubeconfig, "ioc-system",
                               f"nameService.clusterIP={NAME_SERVICE_IP}")
@@ -156,19 +120,8 @@ def bench(n: int, modes: list[str]) -> list[tuple[str, str, str]]:
         custom.create_namespaced_custom_object(*IOC_API[:2], NS, IOC_API[2],
                                                manifest("warmup", "pod"))
         wait_for("the directory", lambda: _exists(core, "epics-client-env"), 60)
-        core.create_namespaced_pod(NS, {
-            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "reader"},
-            "spec": {"nodeName": "beamline-02", "terminationGracePeriodSeconds": 1,
-                     "containers": [{"name": "reader", "image": IMAGE,
-                                     "command": ["sleep", "86400"],
-                                     "envFrom": [{"configMapRef": {
-                                         "name": "epics-client-env"}}]}]}})
-        wait_for("the reader pod", lambda: core.read_namespaced_pod(
-            "reader", NS).status.phase == "Running", 60)
-        reader = subprocess.Popen([*kubectl, "-n", NS, "exec", "-i", "reader", "--",
-                                   "python", "-u", "-c", READER], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True)
-        assert reader.stdin is not None and reader.stdout is not None
+        client = ClientPod(Kubectl(plane.bin_dir / "kubectl", cluster.kubeconfig), NS,
+                           name="client", node="beamline-02").create()
         watcher = Watcher(api)
         rows: dict[str, dict[str, list[float]]] = {}
         for mode in modes:
@@ -178,17 +131,22 @@ def bench(n: int, modes: list[str]) -> list[tuple[str, str, str]]:
                 name = f"{mode}-{i:02d}"
                 body = manifest(name, mode)
                 pv = body["spec"]["prefix"] + "value"
-                reader.stdin.write(json.dumps({"pv": pv, "timeout": READ_TIMEOUT}) + "\n")
-                reader.stdin.flush()
-                assert json.loads(reader.stdout.readline()).get("armed") == pv
+                # Clients that are running and asking for the PV before the IOC exists.
+                watches = {"ca": Watch(client, "pyepics", [pv]),
+                           "pva": Watch(client, "p4p", [pv])}
                 start = time.time()
                 custom.create_namespaced_custom_object(*IOC_API[:2], NS, IOC_API[2], body)
-                result = json.loads(reader.stdout.readline())
+                for watch in watches.values():
+                    with contextlib.suppress(AssertionError):  # not read: inf below
+                        wait_for(f"{pv} read", lambda w=watch, pv=pv: w.seen("value", pv),
+                                 READ_TIMEOUT)
+                    watch.stop()
                 wait_for(f"{name} Ready", lambda name=name: name in watcher.ready, 60)
                 samples["running"].append(watcher.running[name] - start)
                 samples["ready"].append(watcher.ready[name] - start)
-                for proto in ("ca", "pva"):
-                    samples[proto].append((result[proto] or float("inf")) - start)
+                for proto, watch in watches.items():
+                    seen = watch.seen("value", pv)
+                    samples[proto].append(seen["t"] - start if seen else float("inf"))
                 deleted = time.time()
                 custom.delete_namespaced_custom_object(*IOC_API[:2], NS, IOC_API[2], name)
                 # The next IOC starts on a node without this one (host mode: its ports).
@@ -201,8 +159,6 @@ def bench(n: int, modes: list[str]) -> list[tuple[str, str, str]]:
                       f"{samples['gone'][-1]:.2f} s after delete", flush=True)
             rows[mode] = samples
         watcher.stop.set()
-        reader.stdin.close()
-        reader.wait(timeout=30)
         for mode, samples in rows.items():
             for key, label in (("running", "Running"), ("ready", "Ready"),
                                ("ca", "first read, CA (libca)"), ("pva", "first read, PVA (p4p)"),

@@ -3,9 +3,11 @@ real-node benchmark use them. Every wait is bounded."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -200,3 +202,56 @@ def local_volume(kubectl: Kubectl, node: str, name: str, owner: int = 65532) -> 
                 {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}},
         },
     }])
+
+
+class Watch:
+    """A running client in a pod (`iocs/watch.py` of the example image through `kubectl
+    exec -i`): it monitors PVs from the start and records every event with the wall
+    time it happened; `stop` closes its stdin (it exits) and waits, bounded."""
+
+    def __init__(self, client: ClientPod, lib: str, pvs: list[str],
+                 duration: float = 600.0) -> None:
+        k = client.kubectl
+        argv = [str(k.binary), f"--kubeconfig={k.kubeconfig}", "-n", client.namespace,
+                "exec", "-i", client.name, "--", "python", "/epics/example/watch.py",
+                "--lib", lib, "--duration", str(duration)]
+        for pv in pvs:
+            argv += ["--pv", pv]
+        self.lib = lib
+        self.events: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        wait_for(f"the {lib} watch to start", lambda: self.seen("started"), 60)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                with self._lock:
+                    self.events.append(event)
+
+    def seen(self, event: str, pv: str | None = None,
+             after: float = 0.0) -> dict[str, Any] | None:
+        """The first `event` (for `pv`) that happened after wall time `after`."""
+        with self._lock:
+            return next((e for e in self.events if e["event"] == event and e["t"] >= after
+                         and (pv is None or e["pv"] == pv)), None)
+
+    def count(self, event: str, pv: str, after: float = 0.0) -> int:
+        with self._lock:
+            return sum(1 for e in self.events if e["event"] == event and e["pv"] == pv
+                       and e["t"] >= after)
+
+    def stop(self) -> None:
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)

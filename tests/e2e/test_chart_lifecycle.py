@@ -36,16 +36,16 @@ def test_upgrade_then_uninstall(kubectl: Kubectl, helm: Helm, operator: str,
                                 example_iocs: dict[str, dict[str, Any]]) -> None:
     before = ioc_pods(kubectl)
     assert len(before) == len(example_iocs)
-    old_pod = kubectl.json("-n", operator, "get", "pods", "-l",
-                           f"app.kubernetes.io/instance={RELEASE}")["items"][0]
+    selector = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=operator"
+    old_pod = kubectl.json("-n", operator, "get", "pods", "-l", selector)["items"][0]
     helm("upgrade", RELEASE, str(CHART), "--namespace", operator, "--reuse-values",
          "--set", "verbose=true", "--kubeconfig", str(kubectl.kubeconfig), "--wait",
          "--timeout", "120s", timeout=180)
     history = json.loads(helm("history", RELEASE, "--namespace", operator, "--kubeconfig",
                               str(kubectl.kubeconfig), "-o", "json").stdout)
     assert [h["status"] for h in history][-1] == "deployed" and len(history) == 2
-    pods = kubectl.json("-n", operator, "get", "pods", "-l",
-                        f"app.kubernetes.io/instance={RELEASE}")["items"]
+    pods = [p for p in kubectl.json("-n", operator, "get", "pods", "-l", selector)["items"]
+            if not p["metadata"].get("deletionTimestamp")]  # the old one may be going
     assert [p["metadata"]["uid"] for p in pods] != [old_pod["metadata"]["uid"]]
     assert "--verbose" in pods[0]["spec"]["containers"][0]["args"]
     # The new operator takes over the running IOCs without restarting any of them.
