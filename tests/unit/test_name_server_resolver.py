@@ -375,3 +375,14 @@ def test_fanouts_hold_at_most_a_quarter_of_the_lookups_and_go_after_prefix_looku
     clock.now += 0.02  # ... two tokens later it goes first, before the waiting fan-outs
     resolver.tick()
     assert probes.sent[sent:] == [(CA, "ns/a", "A:wanted")]
+
+
+def test_all_waiting_clients_together_are_bounded():
+    _table, resolver, _, _ = make(ioc("ns/a", "A:"), max_askers_total=100, max_askers=8)
+    for n in range(50):
+        for c in range(8):
+            resolver.resolve(CA, f"A:{n}", Client((n, c)))
+    assert resolver.sizes()["waiting_clients"] <= 100
+    assert sum(len(p.askers) for p in resolver.parked.values()) \
+        == resolver.sizes()["waiting_clients"]
+    assert (CA, "A:49") in resolver.parked and (CA, "A:0") not in resolver.parked

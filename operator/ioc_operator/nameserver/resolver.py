@@ -63,7 +63,8 @@ class Limits:
     negative_ttl: float = 2.0  # seconds a name nobody has is not looked up again
     max_lookups: int = 20_000  # lookups in flight
     max_parked: int = 50_000  # names with clients waiting for them
-    max_askers: int = 32  # clients remembered per waiting name
+    max_askers: int = 32  # clients remembered per waiting name ...
+    max_askers_total: int = 200_000  # ... and for all names together (~200 bytes each)
     park_ttl: float = 600.0  # s; libca's search period grows to 300 s by default
     retry_first: float = 0.25  # s; waiting names with a candidate IOC are asked again ...
     retry_max: float = 2.0  # ... with doubling gaps up to this
@@ -138,6 +139,7 @@ class Resolver:
         self.negative: dict[str, OrderedDict[str, float]] = {p: OrderedDict() for p in PROTOCOLS}
         self.lookups: dict[tuple[str, str], _Lookup] = {}
         self.parked: OrderedDict[tuple[str, str], _Parked] = OrderedDict()
+        self._askers_total = 0  # clients remembered in `parked`
         self._retries: list[tuple[float, str, str]] = []  # heap of (due, proto, name)
         self._waiting: dict[bool, deque[_Lookup]] = {False: deque(), True: deque()}  # fanout?
         self._fanouts = 0  # fan-out lookups in flight or waiting
@@ -311,7 +313,7 @@ class Resolver:
         self.stats["found"] += 1
         self.remember(proto, name, ioc)
         self.negative[proto].pop(name, None)
-        parked = self.parked.pop(key, None)
+        parked = self._unpark(key)
         if parked is None:
             return
         for asker in parked.askers.values():
@@ -343,17 +345,27 @@ class Resolver:
         if parked is None:
             parked = _Parked(now + self.limits.park_ttl)
             self.parked[key] = parked
-            if len(self.parked) > self.limits.max_parked:
-                self.parked.popitem(last=False)
-                self.stats["parked_evicted"] += 1
         else:
             parked.expires = now + self.limits.park_ttl
             self.parked.move_to_end(key)
         askers = parked.askers
+        if asker.key not in askers:
+            self._askers_total += 1
         askers[asker.key] = asker
         askers.move_to_end(asker.key)
         if len(askers) > self.limits.max_askers:
             askers.popitem(last=False)
+            self._askers_total -= 1
+        while (len(self.parked) > self.limits.max_parked
+               or self._askers_total > self.limits.max_askers_total):
+            self._unpark(next(iter(self.parked)))  # the longest untouched
+            self.stats["parked_evicted"] += 1
+
+    def _unpark(self, key: tuple[str, str]) -> _Parked | None:
+        parked = self.parked.pop(key, None)
+        if parked is not None:
+            self._askers_total -= len(parked.askers)
+        return parked
 
     # ------------------------------------------------------------------ the table moved
     def table_changed(self, changed: list[IOC], removed: list[IOC]) -> None:
@@ -417,7 +429,7 @@ class Resolver:
             if parked is None or parked.due == 0.0 or parked.due > now:
                 continue
             if parked.expires < now or not any(a.alive() for a in parked.askers.values()):
-                del self.parked[key]
+                self._unpark(key)
                 continue
             parked.backoff = min(self.limits.retry_max, parked.backoff * 2)
             parked.due = now + parked.backoff
@@ -430,7 +442,7 @@ class Resolver:
             key, parked = next(iter(self.parked.items()))
             if parked.expires >= now:
                 break
-            del self.parked[key]
+            self._unpark(key)
         if len(self._retries) > 4 * self.limits.max_parked:
             self._retries = [r for r in self._retries if (r[1], r[2]) in self.parked]
             heapq.heapify(self._retries)
@@ -442,6 +454,7 @@ class Resolver:
             "negative": sum(len(n) for n in self.negative.values()),
             "lookups_in_flight": len(self.lookups),
             "parked": len(self.parked),
+            "waiting_clients": self._askers_total,
             "waiting_prefix": len(self._waiting[False]),
             "waiting_fanout": len(self._waiting[True]),
         }
