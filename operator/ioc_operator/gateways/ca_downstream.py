@@ -9,9 +9,11 @@ TCP, is answered only once the IOC behind the gateway has the PV.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import socket
+from asyncio import trsock
 from typing import TYPE_CHECKING
 
 import caproto as ca
@@ -66,6 +68,7 @@ class DownCircuit(asyncio.Protocol):
         self._sids = itertools.count(1)
         self._out: list[bytes] = []
         self._dirty = False
+        self._sock: trsock.TransportSocket | None = None
 
     # ------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -74,6 +77,7 @@ class DownCircuit(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.peer = f"{peer[0]}:{peer[1]}"
         self.port = (transport.get_extra_info("sockname") or ("", 0))[1]
@@ -91,6 +95,18 @@ class DownCircuit(asyncio.Protocol):
             log.exception("client %s: bad message; closing the circuit", self.peer)
             self.close()
         self.gw.flusher.flush()
+        self._ack_at_once()
+
+    def _ack_at_once(self) -> None:
+        # Having just answered, the kernel treats the circuit as interactive and holds
+        # back ACKs for the client's next requests until we answer those too. A client
+        # that writes a burst on a non-blocking socket without waiting (caproto's
+        # threading client: one create-channel write per search reply datagram) then
+        # finds its send buffer full whenever this loop is busy, and loses the rest of
+        # its channels (docs/ca-gateway.md, "Search replies").
+        if self._sock is not None and not self.closed:
+            with contextlib.suppress(OSError):  # reset by the peer meanwhile
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -323,6 +339,13 @@ class SearchServer(asyncio.DatagramProtocol):
         self.gw = gateway
         self.port = port  # our TCP port, named in every reply
         self.transport: asyncio.DatagramTransport | None = None
+        # Answers that waited for the IOC, per (client address, its datagram's sequence
+        # number), sent at the next flush: one datagram per client datagram, as rsrv
+        # answers. One datagram per name made caproto's threading client send one
+        # create-channel write per name, which a small socket buffer cannot take
+        # (see docs/ca-gateway.md, "Search replies").
+        self._answers: dict[tuple[tuple[str, int], int], list[bytes]] = {}
+        self._dirty = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -353,9 +376,20 @@ class SearchServer(asyncio.DatagramProtocol):
         def answer(chan: UpstreamChannel | None) -> None:
             if chan is not None:
                 log.debug("UDP search %s from %s:%d: found", name, *addr)
-                self._send(addr, sequence, [w.search_reply_udp(self.port, cid)])
+                self._answers.setdefault((addr, sequence), []).append(
+                    w.search_reply_udp(self.port, cid))
+                if not self._dirty:
+                    self._dirty = True
+                    self.gw.flusher.mark(self)
 
         self.gw.upstream.lookup(name, answer, key=(addr, cid), patient=True)
+
+    def flush(self) -> None:
+        """Send the answers collected since the last flush, packed per client datagram."""
+        self._dirty = False
+        answers, self._answers = self._answers, {}
+        for (addr, sequence), replies in answers.items():
+            self._send(addr, sequence, replies)
 
     def _send(self, addr: tuple[str, int], sequence: int, replies: list[bytes]) -> None:
         if self.transport is None or self.transport.is_closing():
