@@ -19,7 +19,6 @@ reused at once. buildah's own storage lives in the cache too, never in /var/lib.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import re
@@ -28,11 +27,12 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .controlplane import cache_root, pinned_version
+from .ownership import file_lock
 
 __all__ = [
     "BASE_IMAGE",
@@ -223,23 +223,9 @@ class ImageBuilder:
         self.archives.mkdir(parents=True, exist_ok=True)
         self.buildah = Buildah(self.cache / "buildah")
 
-    @contextlib.contextmanager
-    def lock(self, timeout: float = BUILD_TIMEOUT) -> Iterator[None]:
+    def lock(self, timeout: float = BUILD_TIMEOUT) -> contextlib.AbstractContextManager[None]:
         """One builder at a time per cache (concurrent test sessions share it)."""
-        with (self.cache / "build.lock").open("w") as f:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise ImageError(f"image build lock busy for {timeout:.0f} s") from None
-                    time.sleep(1.0)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return file_lock(self.cache / "build.lock", timeout, poll=1.0)
 
     # -- the base
     def base_key(self) -> str:

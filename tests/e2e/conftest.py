@@ -18,7 +18,7 @@ import pytest
 
 from ioc_testbed.cluster import Cluster, ClusterError
 from ioc_testbed.helm import Helm, build_helm
-from ioc_testbed.incluster import NAME_SERVICE_IP, ClientPod, Kubectl, condition, local_volume
+from ioc_testbed.incluster import NAME_SERVICE_IP, ClientPod, Kubectl, local_volume
 
 from support import (
     AUTOSAVE_PV,
@@ -27,6 +27,7 @@ from support import (
     HOST_NODE,
     OPERATOR_NS,
     REPO,
+    apply_ready,
     directory_client,
     examples,
 )
@@ -81,18 +82,7 @@ def example_iocs(kubectl: Kubectl, operator: str) -> dict[str, dict[str, Any]]:
     """Every example applied with kubectl, each IOC Ready (its containers really run)."""
     kubectl("create", "namespace", EXAMPLES_NS, check=False)
     local_volume(kubectl, HOST_NODE, AUTOSAVE_PV)
-    docs = examples(HOST_NODE)
-    kubectl.apply(docs, EXAMPLES_NS)
-    names = [d["metadata"]["name"] for d in docs]
-    done = kubectl("-n", EXAMPLES_NS, "wait", "--for=condition=Ready", "iocs", *names,
-                   "--timeout=180s", check=False, timeout=200)
-    iocs = {i["metadata"]["name"]: i for i in
-            kubectl.json("-n", EXAMPLES_NS, "get", "iocs")["items"]}
-    if done.returncode:
-        pods = kubectl("-n", EXAMPLES_NS, "get", "pods", "-o", "wide", check=False).stdout
-        states = {n: condition(i, "Ready") for n, i in iocs.items()}
-        pytest.fail(f"not every example IOC became Ready: {states}\n{pods}", pytrace=False)
-    return iocs
+    return apply_ready(kubectl, EXAMPLES_NS, examples(HOST_NODE))
 
 
 @pytest.fixture(scope="session", params=["name-service", "per-ioc"])

@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
-from ioc_testbed.incluster import NAME_SERVICE_IP, ClientPod, Kubectl
+from ioc_testbed.incluster import NAME_SERVICE_IP, ClientPod, Kubectl, condition
 from ioc_testbed.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,3 +74,21 @@ def directory_client(kubectl: Kubectl, namespace: str, iocs: dict[str, dict[str,
         directory = per_ioc_directory(kubectl, namespace, iocs,
                                       name_servers_only=kind == "name-servers-only")
     return ClientPod(kubectl, namespace, name=f"client-{kind}", node=node).create(directory)
+
+
+def apply_ready(kubectl: Kubectl, namespace: str, docs: list[dict[str, Any]],
+                timeout: float = 180.0) -> dict[str, dict[str, Any]]:
+    """Apply IOCs and wait until each is Ready (its containers really run); the IOCs by
+    name. Fails the test with every IOC's Ready condition and the pods if not."""
+    kubectl("create", "namespace", namespace, check=False)
+    kubectl.apply(docs, namespace)
+    names = [d["metadata"]["name"] for d in docs]
+    done = kubectl("-n", namespace, "wait", "--for=condition=Ready", "iocs", *names,
+                   f"--timeout={timeout:.0f}s", check=False, timeout=timeout + 20)
+    iocs = {i["metadata"]["name"]: i for i in
+            kubectl.json("-n", namespace, "get", "iocs")["items"]}
+    if done.returncode:
+        pods = kubectl("-n", namespace, "get", "pods", "-o", "wide", check=False).stdout
+        states = {n: condition(i, "Ready") for n, i in iocs.items()}
+        pytest.fail(f"IOCs not Ready in {namespace}: {states}\n{pods}", pytrace=False)
+    return iocs

@@ -19,13 +19,12 @@ from ioc_testbed.incluster import (
     Cells,
     ClientPod,
     Kubectl,
-    condition,
     failed_cells,
     format_matrix,
     run_matrix,
 )
 
-from support import directory_client
+from support import apply_ready, directory_client
 
 NAMESPACE = "e2e-matrix"
 DB = "/epics/example/example.db"
@@ -66,19 +65,8 @@ def manifest(kind: str, mode: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def server_iocs(kubectl: Kubectl, operator: str) -> dict[str, dict[str, Any]]:
-    kubectl("create", "namespace", NAMESPACE, check=False)
-    docs = [manifest(kind, mode) for kind, modes in MODES.items() for mode in modes]
-    kubectl.apply(docs)
-    names = [d["metadata"]["name"] for d in docs]
-    done = kubectl("-n", NAMESPACE, "wait", "--for=condition=Ready", "iocs", *names,
-                   "--timeout=240s", check=False, timeout=260)
-    iocs = {i["metadata"]["name"]: i for i in
-            kubectl.json("-n", NAMESPACE, "get", "iocs")["items"]}
-    if done.returncode:
-        pods = kubectl("-n", NAMESPACE, "get", "pods", "-o", "wide", check=False).stdout
-        pytest.fail(f"IOCs not Ready: { {n: condition(i, 'Ready') for n, i in iocs.items()} }"
-                    f"\n{pods}", pytrace=False)
-    return iocs
+    return apply_ready(kubectl, NAMESPACE, [manifest(kind, mode) for kind, modes in
+                                            MODES.items() for mode in modes], 240)
 
 
 @pytest.fixture(scope="module", params=["name-service", "per-ioc", "name-servers-only"])

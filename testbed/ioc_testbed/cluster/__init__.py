@@ -40,7 +40,8 @@ from typing import Any
 
 from ..controlplane import ControlPlane, ensure_binaries, polls
 from ..images import BuiltImage, build_all
-from ..lab.netns import _proc_start_time, netns_pids, stop_pid
+from ..lab.netns import netns_pids, stop_pid
+from ..ownership import markers, proc_start_time, write_marker
 from . import hoststate
 from .network import NodeNetwork
 from .node import Node, NodeError
@@ -196,14 +197,12 @@ class Cluster:
                            + "\n".join(n.log_tails() for n in self.nodes))
 
     def _write_marker(self) -> None:
-        STATE_DIR.mkdir(parents=True, exist_ok=True)
-        self._marker.write_text(json.dumps({
-            "pid": os.getpid(), "start": _proc_start_time(os.getpid()),
+        write_marker(self._marker, {
             "workdir": str(self.workdir), "bridge": self.network.bridge,
             "netns": self.network.netns, "sysctls": self._sysctls,
             "cgroup": self.cgroup.path, "cgroup_created": [str(p) for p in self.cgroup.created],
-            "processes": [[pid, _proc_start_time(pid)] for pid in self.pids()],
-        }))
+            "processes": [[pid, proc_start_time(pid)] for pid in self.pids()],
+        })
 
     def pids(self) -> list[int]:
         """PIDs of the processes this cluster started (control plane and nodes)."""
@@ -306,29 +305,17 @@ class Cluster:
 
 def live_clusters(state_dir: Path = STATE_DIR) -> list[str]:
     """Run ids of the clusters whose process is alive (their markers)."""
-    live = []
-    for marker in sorted(state_dir.glob("*.json")):
-        with contextlib.suppress(OSError, ValueError):
-            info = json.loads(marker.read_text())
-            if _proc_start_time(int(info.get("pid", 0))) == info.get("start"):
-                live.append(marker.stem)
-    return live
+    return [marker.stem for marker, _, alive in markers(state_dir) if alive]
 
 
 def cleanup_stale(state_dir: Path = STATE_DIR) -> list[str]:
     """Undo what clusters whose process died (SIGKILL) left; returns what was removed."""
     removed: list[str] = []
-    if not state_dir.is_dir():
-        return removed
-    for marker in sorted(state_dir.glob("*.json")):
-        try:
-            info = json.loads(marker.read_text())
-        except (OSError, ValueError):
+    for marker, info, alive in markers(state_dir):
+        if alive:
             continue
-        if _proc_start_time(int(info.get("pid", 0))) == info.get("start"):
-            continue  # its owner is alive
         for pid, start in info.get("processes", []):  # control plane, kubelets, ...
-            if _proc_start_time(pid) == start:  # the same process, not a reused PID
+            if proc_start_time(pid) == start:  # the same process, not a reused PID
                 stop_pid(pid, grace=5.0)
         for ns in info.get("netns", []):
             if Path(f"/run/netns/{ns}").exists():

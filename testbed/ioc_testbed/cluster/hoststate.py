@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import shutil
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..ownership import file_lock
 
 # What the kubelet sets at start-up (pkg/kubelet/cm: setupKernelTunables) and what a
 # CNI plugin or kube-proxy might touch outside a node's own namespace.
@@ -44,24 +44,9 @@ STATE_DIR = Path("/run/ioc-testbed")
 MADE = STATE_DIR / "shared-paths.list"  # JSON: the shared paths the test bed created
 
 
-@contextlib.contextmanager
-def host_lock(name: str, timeout: float = 120.0) -> Iterator[None]:
+def host_lock(name: str, timeout: float = 120.0) -> contextlib.AbstractContextManager[None]:
     """A lock shared by every cluster of the machine (flock on /run/ioc-testbed/NAME)."""
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
-    with (STATE_DIR / f"{name}.lock").open("w") as f:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"lock {name} busy for {timeout:.0f} s") from None
-                time.sleep(0.1)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return file_lock(STATE_DIR / f"{name}.lock", timeout)
 
 
 def note_shared_paths() -> None:

@@ -21,12 +21,12 @@ range, and nothing reaches the host's DNS resolver.
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..lab.netns import run
+from ..ownership import file_lock
 
 SERVICE_CIDR = "198.19.0.0/16"  # the control plane's --service-cluster-ip-range
 MAX_NODES = 16
@@ -100,9 +100,7 @@ class NodeNetwork:
         return f"itb{self.run_id}n{node.index}"  # <= 15 characters (IFNAMSIZ)
 
     def create(self) -> Slot:
-        LOCK.parent.mkdir(parents=True, exist_ok=True)
-        with LOCK.open("w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # held for milliseconds: no bound needed
+        with file_lock(LOCK, timeout=60):  # held for milliseconds by each cluster
             used = _addresses_in_use()
             free = [s for s in map(Slot, range(SLOTS))
                     if not any(a.ip in s.node_subnet for a in used)]

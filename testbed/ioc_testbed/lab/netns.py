@@ -22,7 +22,6 @@ import atexit
 import contextlib
 import hashlib
 import ipaddress
-import json
 import os
 import secrets
 import shutil
@@ -36,6 +35,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+from ..ownership import markers, write_marker
 
 __all__ = [
     "CLUSTER_IP_RANGE",
@@ -249,14 +250,6 @@ def _install_handlers() -> None:
             signal.signal(sig, _on_signal)
 
 
-def _proc_start_time(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 def cleanup_stale(state_dir: Path = STATE_DIR) -> list[str]:
     """Remove namespaces left by labs whose owning process died (e.g. SIGKILL).
 
@@ -264,15 +257,9 @@ def cleanup_stale(state_dir: Path = STATE_DIR) -> list[str]:
     namespaces that were removed.
     """
     removed: list[str] = []
-    if not state_dir.is_dir():
-        return removed
-    for marker in sorted(state_dir.glob("*.json")):
-        try:
-            info = json.loads(marker.read_text())
-        except (OSError, ValueError):
+    for marker, info, alive in markers(state_dir):
+        if alive:
             continue
-        if _proc_start_time(int(info.get("pid", 0))) == info.get("start"):
-            continue  # owner still alive
         existing = set(_list_netns())
         for ns in info.get("netns", []):
             if ns in existing:
@@ -414,14 +401,7 @@ class Lab:
             self._iptables(ns, ["-A", "OUTPUT", *rule])
 
     def _write_marker(self) -> None:
-        STATE_DIR.mkdir(parents=True, exist_ok=True)
-        info = {
-            "pid": os.getpid(),
-            "start": _proc_start_time(os.getpid()),
-            "netns": self._netns,
-            "tmpdir": str(self.tmpdir),
-        }
-        self._marker.write_text(json.dumps(info))
+        write_marker(self._marker, {"netns": self._netns, "tmpdir": str(self.tmpdir)})
 
     def _ip(self, ns: str | None, args: str) -> None:
         argv = ["ip"] + (["-n", ns] if ns else []) + args.split()
