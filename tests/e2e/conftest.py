@@ -20,7 +20,7 @@ from ioc_testbed.cluster import Cluster, ClusterError
 from ioc_testbed.helm import Helm, build_helm
 from ioc_testbed.incluster import NAME_SERVICE_IP, ClientPod, Kubectl, local_volume
 
-from support import (
+from e2elib import (
     AUTOSAVE_PV,
     CHART,
     EXAMPLES_NS,

@@ -11,7 +11,7 @@ from ioc_testbed.helm import Helm
 from ioc_testbed.incluster import Kubectl, condition
 from ioc_testbed.waiting import wait_for
 
-from support import CHART, EXAMPLES_NS
+from e2elib import CHART, EXAMPLES_NS
 
 RELEASE = "ioc-operator"
 # Everything the chart creates carries the release's instance label.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from support import REPO
+from e2elib import REPO
 
 
 def test_demo_on_real_nodes_reaches_every_example_ioc() -> None:

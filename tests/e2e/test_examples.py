@@ -22,7 +22,7 @@ from ioc_testbed.incluster import (
     run_matrix,
 )
 
-from support import EXAMPLES_NS, HOST_NODE
+from e2elib import EXAMPLES_NS, HOST_NODE
 
 
 @pytest.fixture(scope="session")

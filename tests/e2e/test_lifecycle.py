@@ -14,7 +14,7 @@ import pytest
 from ioc_testbed.incluster import CLIENT_IMAGE, Kubectl, condition
 from ioc_testbed.waiting import wait_for
 
-from support import EXAMPLES_NS
+from e2elib import EXAMPLES_NS
 
 IMAGES = {
     "operator": "ghcr.io/epics-operator/ioc-operator:0.1.0",

@@ -24,7 +24,7 @@ from ioc_testbed.incluster import (
     run_matrix,
 )
 
-from support import apply_ready, directory_client
+from e2elib import apply_ready, directory_client
 
 NAMESPACE = "e2e-matrix"
 DB = "/epics/example/example.db"

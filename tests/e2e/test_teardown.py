@@ -13,7 +13,7 @@ from pathlib import Path
 from ioc_testbed.cluster import STATE_DIR, WORK_ROOT, cleanup_stale
 from ioc_testbed.cluster.hoststate import hierarchies
 
-from support import REPO
+from e2elib import REPO
 
 # One node, started in its own process; prints what a teardown must remove.
 STARTER = """

@@ -15,7 +15,7 @@ import pytest
 from ioc_testbed.incluster import ClientPod, Kubectl, Watch
 from ioc_testbed.waiting import wait_for
 
-from support import OPERATOR_NS, directory_client
+from e2elib import OPERATOR_NS, directory_client
 
 NAMESPACE = "e2e-names"
 LIBS = ("pyepics", "caproto", "p4p")
