@@ -93,11 +93,3 @@ def client(request: pytest.FixtureRequest, kubectl: Kubectl,
     per-IOC lists."""
     return directory_client(kubectl, EXAMPLES_NS, example_iocs, request.param)
 
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "last: run after every other e2e test (it "
-                            "upgrades and then uninstalls the chart the others use)")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: item.get_closest_marker("last") is not None)
