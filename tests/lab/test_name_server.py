@@ -192,7 +192,9 @@ def learn_and_reach(site: Site, watchers: dict[str, Any], pv: str, what: str) ->
         site.lab.stop(w)
     print(f"\nseconds from {what} to the first value: " + ", ".join(
         f"{lib} {t - learned:.2f}" if t else f"{lib} never" for lib, t in reached.items()))
-    assert all(reached.values()), reached
+    missing = {lib: watchers[lib].log_path.read_text(errors="replace")[-1500:]
+               for lib, t in reached.items() if not t}
+    assert not missing, missing
     return learned
 
 

@@ -220,33 +220,33 @@ class _UdpListener(asyncio.DatagramProtocol):
         raise NotImplementedError
 
 
-# ============================================================================ CA
+class _Circuit(asyncio.Protocol):
+    """A client's TCP connection: bounded in number, its output flow-controlled, closed
+    on the first byte that is not the protocol."""
 
-
-class CaCircuit(asyncio.Protocol):
-    """A client's TCP circuit: libca's EPICS_CA_NAME_SERVERS searches."""
+    proto = ""
 
     def __init__(self, server: NameServer) -> None:
         self.server = server
         self.output = _Output(server)
-        self.framer = w.StreamFramer()
-        self.client_version = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         out = self.output
         out.opened(transport)
-        circuits = self.server.circuits[CA]
+        circuits = self.server.circuits[self.proto]
         if len(circuits) >= self.server.config.max_circuits:
-            rlog.warning("ca-max", "CA: %d circuits open, refusing %s", len(circuits), out.peer)
+            rlog.warning((self.proto, "max"), "%s: %d circuits open, refusing %s",
+                         self.proto.upper(), len(circuits), out.peer)
             out.close()
             return
         circuits.add(self)
-        log.debug("CA circuit from %s", out.peer)
-        out.queue(ca.version())
+        log.debug("%s circuit from %s", self.proto.upper(), out.peer)
+        for message in self.greeting():
+            out.queue(message)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.output.closed = True
-        self.server.circuits[CA].discard(self)
+        self.server.circuits[self.proto].discard(self)
 
     def pause_writing(self) -> None:
         self.output.pause_writing()
@@ -256,14 +256,38 @@ class CaCircuit(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            self.framer.feed(data, self._message)
-            if self.framer.pending() > CA_MAX_PENDING:
-                raise ValueError(f"{self.framer.pending()} bytes without a whole message")
+            self.feed(data)
         except Exception as exc:
             self.server.stats["bad_messages"] += 1
-            rlog.warning(("ca-bad", self.output.host), "CA client %s: %s; closing",
-                         self.output.peer, exc)
+            rlog.warning((self.proto, "bad", self.output.host), "%s client %s: %s; closing",
+                         self.proto.upper(), self.output.peer, exc)
             self.output.close()
+
+    def greeting(self) -> list[bytes]:
+        raise NotImplementedError
+
+    def feed(self, data: bytes) -> None:
+        raise NotImplementedError
+
+
+# ============================================================================ CA
+class CaCircuit(_Circuit):
+    """A client's TCP circuit: libca's EPICS_CA_NAME_SERVERS searches."""
+
+    proto = CA
+
+    def __init__(self, server: NameServer) -> None:
+        super().__init__(server)
+        self.framer = w.StreamFramer()
+        self.client_version = 0
+
+    def greeting(self) -> list[bytes]:
+        return [ca.version()]
+
+    def feed(self, data: bytes) -> None:
+        self.framer.feed(data, self._message)
+        if self.framer.pending() > CA_MAX_PENDING:
+            raise ValueError(f"{self.framer.pending()} bytes without a whole message")
 
     def _message(self, command: int, data_type: int, count: int, p1: int, p2: int,
                  payload: bytes) -> None:
@@ -344,48 +368,22 @@ class CaUdp(_UdpListener):
 
 
 # ============================================================================ PVA
-class PvaCircuit(asyncio.Protocol):
+class PvaCircuit(_Circuit):
     """A client's TCP connection: pvxs's EPICS_PVA_NAME_SERVERS searches."""
 
+    proto = PVA
+
     def __init__(self, server: NameServer) -> None:
-        self.server = server
-        self.output = _Output(server)
+        super().__init__(server)
         self.parser = pva.StreamParser(PVA_MAX_MESSAGE)
         self.validated = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        out = self.output
-        out.opened(transport)
-        circuits = self.server.circuits[PVA]
-        if len(circuits) >= self.server.config.max_circuits:
-            rlog.warning("pva-max", "PVA: %d circuits open, refusing %s", len(circuits),
-                         out.peer)
-            out.close()
-            return
-        circuits.add(self)
-        log.debug("PVA circuit from %s", out.peer)
-        out.queue(pva.set_byte_order(True))
-        out.queue(pva.connection_validation_request(True))
+    def greeting(self) -> list[bytes]:
+        return [pva.set_byte_order(True), pva.connection_validation_request(True)]
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.output.closed = True
-        self.server.circuits[PVA].discard(self)
-
-    def pause_writing(self) -> None:
-        self.output.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.output.resume_writing()
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            for head, payload in self.parser.feed(data):
-                self._message(head, payload)
-        except Exception as exc:
-            self.server.stats["bad_messages"] += 1
-            rlog.warning(("pva-bad", self.output.host), "PVA client %s: %s; closing",
-                         self.output.peer, exc)
-            self.output.close()
+    def feed(self, data: bytes) -> None:
+        for head, payload in self.parser.feed(data):
+            self._message(head, payload)
 
     def _message(self, head: pva.Header, payload: bytes) -> None:
         if head.control:
@@ -506,7 +504,7 @@ class NameServer:
         self.loop = asyncio.get_running_loop()
         self.prober = UdpProber(self.loop, self._probe_result, timeout=config.confirm_timeout)
         self.resolver = Resolver(self.table, self.prober, config.limits)
-        self.circuits: dict[str, set[asyncio.Protocol]] = {CA: set(), PVA: set()}
+        self.circuits: dict[str, set[_Circuit]] = {CA: set(), PVA: set()}
         self.stats: dict[str, int] = dict.fromkeys(
             ("ca_udp_searches", "ca_tcp_searches", "pva_udp_searches", "pva_tcp_searches",
              "ca_udp_datagrams_out", "pva_udp_datagrams_out", "bad_messages", "bad_names",
@@ -608,7 +606,7 @@ class NameServer:
             transport.close()
         for circuits in self.circuits.values():
             for circuit in list(circuits):
-                circuit.output.close()  # type: ignore[attr-defined]
+                circuit.output.close()
         self.prober.close()
         for server in self._servers:
             await server.wait_closed()

@@ -19,6 +19,7 @@ are those of ``ioc_testbed.lab.client``; pvaPy's are here. Every process is boun
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -105,26 +106,37 @@ def _watch_p4p(names: Sequence[str]) -> list[Any]:
     return keep
 
 
-def _watch_pvapy(names: Sequence[str]) -> list[Any]:
-    """Monitors only: pvaPy 5.6's connection callback is called without the GIL held
-    when a server goes away, and the process dies ("PyThreadState_Get: the function must
-    be called with the GIL held"); "connected" is reported with the first value."""
+def _watch_pvapy(names: Sequence[str], duration: float) -> list[Any]:
+    """pvaPy 5.6 needs care: its connection callback is called without the GIL when a
+    server goes away ("PyThreadState_Get: the function must be called with the GIL
+    held"), startMonitor() on a channel that does not connect in time crashes the
+    process (SIGSEGV), and so, now and then, does a get() that times out as the channel
+    connects. So each channel is first read with one get() that waits as long as the
+    client runs, then monitored; the monitor survives the server going away and coming
+    back."""
     import pvaccess
 
     keep: list[Any] = []
-    for name in names:
-        channel = pvaccess.Channel(name, pvaccess.PVA)
-        first = [True]
 
-        def on_update(value: Any, name: str = name, first: list[bool] = first) -> None:
-            if first[0]:
-                first[0] = False
-                _emit(name, "connected")
+    def follow(name: str, channel: Any) -> None:
+        channel.setTimeout(duration)
+        try:
+            channel.get()
+        except Exception as exc:  # never found: nothing more to watch
+            _emit(name, "error", str(exc))
+            return
+        _emit(name, "connected")
+
+        def on_update(value: Any) -> None:
             _emit(name, "value", _scalar(value["value"]))
 
         channel.subscribe("watch", on_update)
         channel.startMonitor()
+
+    for name in names:
+        channel = pvaccess.Channel(name, pvaccess.PVA)
         keep.append(channel)
+        threading.Thread(target=follow, args=(name, channel), daemon=True).start()
     return keep
 
 
@@ -136,7 +148,7 @@ def watch(lib: str, names: Sequence[str], duration: float) -> None:
     elif lib == "p4p":
         keep = _watch_p4p(names)
     elif lib == "pvapy":
-        keep = _watch_pvapy(names)
+        keep = _watch_pvapy(names, duration)
     else:
         raise ValueError(f"unknown lib {lib!r}")
     _emit("", "started")
@@ -209,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=60.0,
                         help="watch: end after this many seconds at the latest")
     args = parser.parse_args(argv)
+    faulthandler.enable()  # a client library crashing leaves its stack in the log
     if args.op == "watch":
         threading.Timer(args.duration + 10, lambda: os._exit(3)).start()  # a hard bound
         watch(args.lib, args.pv, args.duration)
