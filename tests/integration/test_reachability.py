@@ -6,6 +6,8 @@ only ever go to loopback; nothing listens there, so the IOC is Unreachable.
 
 from __future__ import annotations
 
+import time
+
 from ioc_operator.conditions import Cond
 from ioc_operator.reachability import reachable_condition
 
@@ -29,6 +31,19 @@ def test_unreachable_probe_is_a_condition_and_a_warning(kube, operator, namespac
         return next((c for c in (ioc.get("status") or {}).get("conditions") or []
                      if c["type"] == "Reachable"), None)
 
+    # Not probed before it is Ready: a failed read then says nothing.
+    cond = wait_for("Reachable NotReady", lambda: (c := reachable())
+                    and c["reason"] == "NotReady" and c, timeout=30)
+    assert cond["status"] == "Unknown"
+    # No kubelet here: report the pod Ready as one would; nothing listens on its ports.
+    pod = wait_for("the IOC's pod", lambda: kube.get("v1", "Pod", namespace, "probed-0"))
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    kube.request("PATCH", f"/api/v1/namespaces/{namespace}/pods/probed-0/status",
+                 body={"status": {"phase": "Running", "startTime": now, "conditions": [
+                     {"type": t, "status": "True", "lastTransitionTime": now}
+                     for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")]}},
+                 content_type="application/merge-patch+json")
+    assert pod["spec"]["nodeName"] == node
     cond = wait_for("Reachable condition", lambda: (c := reachable())
                     and c["status"] == "False" and c, timeout=60)
     assert cond["reason"] == "Unreachable"
