@@ -523,8 +523,10 @@ class PacketCounters:
             "udp-all": "-p udp",
             "dns": "-p udp --dport 53",
         }
-        for name, match in matches.items():
-            iptables(lab, pod, ["-A", "OUTPUT", "-o", "eth0", *match.split(),
+        # At the head of the chain: the lab's pods accept lab traffic in rules of their
+        # own first, so appended counting rules counted nothing.
+        for position, (name, match) in enumerate(matches.items(), 1):
+            iptables(lab, pod, ["-I", "OUTPUT", str(position), "-o", "eth0", *match.split(),
                                 "-m", "comment", "--comment", name])
         add_guard(lab, pod)  # last: the counting rules above see every packet
 

@@ -36,7 +36,6 @@ import contextlib
 import json
 import os
 import select
-import shlex
 import socket
 import statistics
 import struct
@@ -238,22 +237,6 @@ class Cell:
         return self.row.udp_datagrams() + self.row.tcp_searches()[0]
 
 
-def count_first(lab: Lab, pod: Pod) -> None:
-    """Move bench_discovery's counting rules to the head of the pod's OUTPUT chain: the
-    lab's pods accept lab traffic in their own rules first, so appended rules would
-    count nothing. Counting rules have no target: they do not change what passes."""
-    from benchmarks import bench_discovery as bd
-
-    rules = [shlex.split(line) for line in bd.iptables(lab, pod, ["-S", "OUTPUT"]).splitlines()
-             if "--comment" in line]
-    counting = [r for r in rules if r[r.index("--comment") + 1] in bd.COUNTERS
-                and "-j" not in r]
-    for rule in counting:
-        bd.iptables(lab, pod, ["-D", *rule[1:]])
-    for position, rule in enumerate(counting, 1):
-        bd.iptables(lab, pod, ["-I", "OUTPUT", str(position), *rule[2:]])
-
-
 def table_entries(iocs: Sequence[BenchIOC]) -> list[dict[str, Any]]:
     """What the operator's status says of each IOC (see nameserver/kubewatch.py)."""
     return [{"name": f"bench/{i.name}", "prefix": i.prefix, "ca": f"{i.cluster_ip}:{CA_PORT}",
@@ -358,7 +341,6 @@ def connect_all(lab: Lab, args: argparse.Namespace, n_iocs: int, pvs_per_ioc: in
     service.set_iocs(table_entries(iocs))
     client = lab.add_pod(args.ioc_nodes + 1, name=f"client-{key}")
     counters = bd.PacketCounters(lab, client, ports)
-    count_first(lab, client)
     directory = directory_env(i.client_env for i in iocs)
     cells: list[Cell] = []
     for lib in LIBS:

@@ -1,8 +1,8 @@
 # syntax=docker/dockerfile:1
-# The gateway image: the pvagw sidecar of `sidecar` mode IOCs. The operator renders it
-# as `/bin/sh -c 'sed "s/@POD_IP@/$POD_IP/g" ... > /run/pvagw/pvagw.json && exec pvagw ...'`,
-# so it needs /bin/sh, sed and pvagw (from p4p). It also carries the ioc-operator
-# package, for the CA gateway module to come.
+# The gateway image: the sidecars of `sidecar` mode IOCs and the name service. The
+# operator renders pvagw as `/bin/sh -c 'sed "s/@POD_IP@/$POD_IP/g" ... > /run/pvagw/...
+# && exec pvagw ...'`, so it needs /bin/sh, sed and pvagw (from p4p); it carries the
+# ioc-operator package for ioc-ca-gateway, ioc-ca-pva-bridge and ioc-name-server.
 # Build from the repository root (kind/create.sh does):
 #   docker build -f docker/gateway.Dockerfile -t ghcr.io/epics-operator/ioc-gateway:0.1.0 .
 # Every Python package is pinned in docker/requirements.txt.
@@ -24,7 +24,7 @@ RUN pip wheel --no-deps --wheel-dir /wheels .
 FROM ${PYTHON_IMAGE}
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="ioc-gateway" \
-      org.opencontainers.image.description="pvagw sidecar for ioc-operator sidecar-mode IOCs" \
+      org.opencontainers.image.description="ioc-operator's sidecar gateways (pvagw, CA gateway, CA-to-PVA bridge) and name server" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="BSD-3-Clause"
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
@@ -35,7 +35,9 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     && pip check \
     && rm /tmp/requirements.txt \
     && command -v sh && command -v sed && command -v pvagw \
-    && pvagw --help >/dev/null
+    && pvagw --help >/dev/null \
+    && ioc-ca-gateway --help >/dev/null && ioc-ca-pva-bridge --help >/dev/null \
+    && ioc-name-server --help >/dev/null
 # A passwd entry for the non-root uid: kopf's peering id and caproto's CA client name
 # come from getpass.getuser(), which fails for a uid that has none.
 RUN groupadd --system --gid 65532 ioc \

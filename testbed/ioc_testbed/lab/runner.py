@@ -62,6 +62,18 @@ def expand(arg: str, env: dict[str, str]) -> str:
                   lambda m: env.get(m.group(1), m.group(0)), arg)
 
 
+def mount_paths(arg: str, mounts: list[dict[str, Any]], volumes: dict[str, Path]) -> str:
+    """A mount is a path rewrite here: each mountPath in `arg` (as a whole path, not
+    inside another) becomes its volume's directory, in one pass, so a directory put in
+    (under /tmp, say) is not rewritten again by a /tmp mount."""
+    paths = {m["mountPath"].rstrip("/") or "/": str(volumes[m["name"]]) for m in mounts}
+    if not paths:
+        return arg
+    pattern = "|".join(re.escape(p) for p in sorted(paths, key=len, reverse=True))
+    return re.sub(rf"(?<![\w./-])({pattern})(?=/|$|[^\w.-])",
+                  lambda m: paths[m.group(1)], arg)
+
+
 @dataclass
 class RunningIOC:
     ioc: IOC
@@ -126,8 +138,7 @@ class LabRunner:
         env = container_env(container, where.ip, host_ip)
         argv = [expand(a, env) for a in
                 list(container.get("command", [])) + list(container.get("args", []))]
-        for mount in container.get("volumeMounts", []):  # a mount is a path rewrite here
-            argv = [a.replace(mount["mountPath"], str(volumes[mount["name"]])) for a in argv]
+        argv = [mount_paths(a, container.get("volumeMounts", []), volumes) for a in argv]
         env["PATH"] = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"
         proc = self.lab.spawn(where, argv, env,
                               log=self.lab.tmpdir / f"{container['name']}-{where.ns}.log")
