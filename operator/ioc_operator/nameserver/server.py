@@ -24,9 +24,9 @@ from typing import Any
 
 from ..gateways import ca_wire as w
 from ..gateways.ca_downstream import bind_udp
+from ..gateways.ratelog import RateLimitedLog
 from . import ca, pva
 from .probe import UdpProber
-from .ratelog import RateLimitedLog
 from .resolver import Limits, Resolver
 from .table import CA, IOC, PVA, Table
 
