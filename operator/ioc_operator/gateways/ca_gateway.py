@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import resource
 import signal
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +31,15 @@ from .ca_downstream import DownCircuit, SearchServer, bind_udp
 from .ca_pvlist import PVList, PVListError, load_pvlist
 from .ca_upstream import Flusher, Upstream
 from .ca_wire import ACCESS_READ, ACCESS_WRITE
+from .ca_wire import MAX_PAYLOAD as MAX_UPSTREAM_MESSAGE
 
 __all__ = ["Gateway", "GatewayConfig", "main", "parse_args", "serve"]
 
 log = logging.getLogger("ioc_ca_gateway")
 
 DEFAULT_PORT = 5064
+HOST_SHARE = 4  # one client host may hold at most 1/HOST_SHARE of -max_circuits
+FD_RESERVE = 64  # descriptors kept for the IOC side, listeners and logs
 
 
 @dataclass
@@ -51,6 +56,12 @@ class GatewayConfig:
     dead_timeout: float = 2.0
     disconnect_timeout: float = 300.0
     verbosity: int = 0
+    # Bounds (docs/ca-gateway.md, "Limits under load"): what one gateway holds at most.
+    max_circuits: int = 1024  # client TCP circuits; one client host 1/HOST_SHARE of them
+    max_channels: int = 200_000  # client channels, all circuits together
+    max_subscriptions: int = 200_000  # client subscriptions, all circuits together
+    max_lookups: int = 20_000  # names being looked up on the IOC at once
+    max_message_bytes: int = 16 * 1024 * 1024  # largest request from a client (a put)
 
 
 class Gateway:
@@ -65,13 +76,53 @@ class Gateway:
                                  connect_timeout=config.connect_timeout,
                                  dead_timeout=config.dead_timeout,
                                  inactive_timeout=config.inactive_timeout,
-                                 disconnect_timeout=config.disconnect_timeout)
+                                 disconnect_timeout=config.disconnect_timeout,
+                                 max_lookups=config.max_lookups, count=self.count)
+        self.upstream.on_uncongested = self._uncongested
         self.circuits: set[DownCircuit] = set()
+        self.per_host: Counter[str] = Counter()
+        self.channels = 0  # client channels, all circuits
+        self.subscriptions = 0  # client subscriptions, all circuits
+        self.buffered = 0  # bytes of unfinished client requests, all circuits
+        self.stats: Counter[str] = Counter()  # what was refused, dropped or ignored
+        self.max_circuits = config.max_circuits
         # -ro removes write access whatever the IOC grants; read access is the IOC's.
         self._mask = ACCESS_READ | (0 if config.read_only else ACCESS_WRITE)
         self._servers: list[asyncio.Server] = []
         self._udp: list[asyncio.DatagramTransport] = []
         self._sweeper: asyncio.TimerHandle | None = None
+
+    def count(self, key: str) -> None:
+        self.stats[key] += 1
+
+    def admit(self, circuit: DownCircuit) -> str:
+        """Take a client circuit into the count; why not, if it may not stay."""
+        if len(self.circuits) >= self.max_circuits:
+            return f"{len(self.circuits)} circuits open (-max_circuits)"
+        if self.per_host[circuit.host] >= max(1, self.max_circuits // HOST_SHARE):
+            return f"{self.per_host[circuit.host]} circuits open from this host"
+        self.circuits.add(circuit)
+        self.per_host[circuit.host] += 1
+        return ""
+
+    def release(self, circuit: DownCircuit) -> None:
+        self.circuits.discard(circuit)
+        self.per_host[circuit.host] -= 1
+        if self.per_host[circuit.host] <= 0:
+            del self.per_host[circuit.host]
+
+    def _uncongested(self) -> None:
+        for circuit in list(self.circuits):
+            circuit.resume_requests()
+
+    def snapshot(self) -> dict[str, int]:
+        """Sizes and counters (SIGUSR1 logs them)."""
+        return {"circuits": len(self.circuits), "channels": self.channels,
+                "subscriptions": self.subscriptions, "buffered": self.buffered,
+                **self.upstream.stats(), **self.stats}
+
+    def log_stats(self) -> None:
+        log.warning("stats %s", " ".join(f"{k}={v}" for k, v in self.snapshot().items()))
 
     def rights(self, upstream_access: int) -> int:
         """What a client may do: the IOC's access rights, minus writes under -ro."""
@@ -79,6 +130,10 @@ class Gateway:
 
     async def start(self) -> None:
         cfg = self.config
+        self.max_circuits = min(cfg.max_circuits, _descriptors() - FD_RESERVE)
+        if self.max_circuits < cfg.max_circuits:
+            log.warning("-max_circuits %d lowered to %d: %d file descriptors",
+                        cfg.max_circuits, self.max_circuits, _descriptors())
         await self.upstream.start()
         for host in cfg.server_hosts:
             server = await self.loop.create_server(
@@ -125,6 +180,19 @@ class Gateway:
         await asyncio.sleep(0)  # let transports run their connection_lost callbacks
 
 
+def _descriptors() -> int:
+    """File descriptors this process may open, after raising the soft limit to the hard
+    one (each client circuit takes one)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
 def _split(values: Sequence[str]) -> list[str]:
     """Flags may be repeated and each may hold a space-separated list."""
     return [item for value in values for item in value.split()]
@@ -135,6 +203,13 @@ def _address(entry: str, default_port: int) -> tuple[str, int]:
     if not sep:
         return entry, default_port
     return host, int(port)
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
 
 
 def _positive(text: str) -> float:
@@ -170,6 +245,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-disconnect_timeout", type=float, default=300.0, metavar="S",
                         help="how long to keep looking for PVs in use whose IOC went away, "
                              "answering clients' searches as soon as it is back (default 300)")
+    limits = GatewayConfig()
+    parser.add_argument("-max_circuits", type=_count, default=limits.max_circuits,
+                        metavar="N", help="client TCP circuits at once, one client host a "
+                        f"quarter of them (default {limits.max_circuits})")
+    parser.add_argument("-max_channels", type=_count, default=limits.max_channels,
+                        metavar="N", help="client channels at once, all clients together "
+                        f"(default {limits.max_channels})")
+    parser.add_argument("-max_subscriptions", type=_count, default=limits.max_subscriptions,
+                        metavar="N", help="client subscriptions at once, all clients "
+                        f"together (default {limits.max_subscriptions})")
+    parser.add_argument("-max_lookups", type=_count, default=limits.max_lookups, metavar="N",
+                        help="names searched for on the IOC at once; searches for further "
+                        f"new names are ignored (default {limits.max_lookups})")
+    parser.add_argument("-max_message_bytes", type=_count, default=limits.max_message_bytes,
+                        metavar="N", help="largest request a client may send; a larger one "
+                        f"closes its circuit (default {limits.max_message_bytes})")
     parser.add_argument("-v", action="count", default=0, help="log activity (-v -v: debug)")
     return parser
 
@@ -196,6 +287,11 @@ def parse_args(argv: Sequence[str] | None = None) -> GatewayConfig:
         dead_timeout=max(0.0, args.dead_timeout),
         disconnect_timeout=max(0.0, args.disconnect_timeout),
         verbosity=args.v,
+        max_circuits=args.max_circuits,
+        max_channels=args.max_channels,
+        max_subscriptions=args.max_subscriptions,
+        max_lookups=args.max_lookups,
+        max_message_bytes=min(args.max_message_bytes, MAX_UPSTREAM_MESSAGE),
     )
 
 
@@ -207,6 +303,7 @@ async def serve(config: GatewayConfig,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     gateway = Gateway(config, loop)
+    loop.add_signal_handler(signal.SIGUSR1, gateway.log_stats)
     try:
         await gateway.start()
         if on_ready is not None:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 import caproto as ca
 
 from . import ca_wire as w
+from .ratelog import RateLimitedLog
 
 if TYPE_CHECKING:
     from .ca_downstream import DownChannel, DownCircuit
@@ -36,11 +37,15 @@ if TYPE_CHECKING:
 __all__ = ["Flusher", "State", "Upstream", "UpstreamChannel", "UpstreamCircuit", "UpstreamSub"]
 
 log = logging.getLogger("ioc_ca_gateway.upstream")
+rlog = RateLimitedLog(log)
 
 SEARCH_FIRST_RETRY = 0.05  # s; doubles on every retry ...
 SEARCH_MAX_RETRY = 1.0  # ... up to this: a returning IOC is noticed within a second
 SEARCH_TICK = 0.025  # s; resolution of search retries and deadlines
-MAX_WAITERS = 1024  # pending answers per name (a search storm must not grow memory)
+MAX_WAITERS = 1024  # pending answers per name (a search storm must not grow memory) ...
+MAX_WAITERS_TOTAL = 100_000  # ... and for all names together (~300 bytes each)
+MAX_DEAD = 100_000  # names remembered as not on the IOC (the oldest go first)
+UPSTREAM_HIGH_WATER = 4 * 1024 * 1024  # bytes queued to the IOC before clients wait
 SEARCH_DATAGRAM_BYTES = 1024  # like libca: small enough never to fragment
 SEARCH_BURST_DATAGRAMS = 32  # datagrams sent back to back, then ...
 SEARCH_BURST_PAUSE = 0.005  # ... a pause (s): about 200 000 names/s at most
@@ -196,6 +201,7 @@ class UpstreamCircuit(asyncio.Protocol):
         self.to_create: list[UpstreamChannel] = []
         self.idle_since = time.monotonic()
         self.closed = False
+        self.congested = False
         self._ids = itertools.count(1)
         self._out: list[bytes] = []
         self._dirty = False
@@ -203,6 +209,7 @@ class UpstreamCircuit(asyncio.Protocol):
     # ------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=UPSTREAM_HIGH_WATER)  # type: ignore[attr-defined]
         sock = transport.get_extra_info("socket")
         if sock is not None:  # small requests must not wait for Nagle
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -225,8 +232,22 @@ class UpstreamCircuit(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.resume_writing()
         self.hub.circuit_lost(self, exc)
         self.hub.flusher.flush()
+
+    def pause_writing(self) -> None:
+        # The IOC reads slower than clients send: their requests wait (DownCircuit).
+        if not self.congested:
+            self.congested = True
+            self.hub.congested += 1
+
+    def resume_writing(self) -> None:
+        if self.congested:
+            self.congested = False
+            self.hub.congested -= 1
+            if not self.hub.congested:
+                self.hub.on_uncongested()
 
     # ------------------------------------------------------------ output
     def queue(self, message: bytes) -> None:
@@ -340,10 +361,12 @@ class UpstreamCircuit(asyncio.Protocol):
                                                    payload))
         elif command in (w.READ_NOTIFY, w.WRITE_NOTIFY):
             pending = self.pending.pop(p2, None)
-            if pending is not None and not pending.down.closed:
-                status = pending.sid if pending.command == w.READ else p1
-                pending.down.queue(w.pack(pending.command, data_type, count, status,
-                                          pending.ioid, payload))
+            if pending is not None:
+                pending.down.request_done()
+                if not pending.down.closed:
+                    status = pending.sid if pending.command == w.READ else p1
+                    pending.down.queue(w.pack(pending.command, data_type, count, status,
+                                              pending.ioid, payload))
         elif command == w.CREATE_CHAN:
             self._created(p1, p2, data_type, count)
         elif command == w.ACCESS_RIGHTS:
@@ -383,8 +406,11 @@ class UpstreamCircuit(asyncio.Protocol):
         text = w.decode_name(payload[offset:])
         if command in (w.READ_NOTIFY, w.WRITE_NOTIFY):
             pending = self.pending.pop(ident, None)
-            if pending is not None and not pending.down.closed:
-                pending.down.queue(w.error_message(pending.header, pending.cid, status, text))
+            if pending is not None:
+                pending.down.request_done()
+                if not pending.down.closed:
+                    pending.down.queue(w.error_message(pending.header, pending.cid, status,
+                                                       text))
                 return
         elif command == w.EVENT_ADD:
             sub = self.subs.get(ident)
@@ -423,10 +449,20 @@ class Upstream:
     def __init__(self, loop: asyncio.AbstractEventLoop, flusher: Flusher,
                  addresses: list[tuple[str, int]], *, connect_timeout: float,
                  dead_timeout: float, inactive_timeout: float,
-                 disconnect_timeout: float) -> None:
+                 disconnect_timeout: float, max_lookups: int = 20_000,
+                 count: Callable[[str], None] = lambda _key: None) -> None:
         self.loop = loop
         self.flusher = flusher
         self.addresses = addresses
+        self.max_lookups = max_lookups
+        self.count = count  # the gateway's counters
+        self.congested = 0  # upstream circuits the IOC does not read fast enough
+        self.on_uncongested: Callable[[], None] = lambda: None
+        self.waiting = 0  # waiters of all lookups together
+        # Search replies are taken only from where searches go: anyone on the network
+        # can reach our upstream UDP socket, and a forged reply would make us serve
+        # channels of a server of its choosing.
+        self.senders: set[str] = set()
         self.connect_timeout = connect_timeout
         self.dead_timeout = dead_timeout
         self.inactive_timeout = inactive_timeout
@@ -447,6 +483,10 @@ class Upstream:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        for host, _port in self.addresses:
+            infos = await self.loop.getaddrinfo(host, None, family=socket.AF_INET,
+                                                type=socket.SOCK_DGRAM)
+            self.senders.update(str(info[4][0]) for info in infos)
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         enlarge_receive_buffer(sock)
         sock.bind(("0.0.0.0", 0))
@@ -463,8 +503,8 @@ class Upstream:
             self._udp.close()
 
     # ------------------------------------------------------------ lookups
-    def lookup(self, name: str, callback: LookupCallback, *, key: Hashable | None = None,
-               patient: bool = False) -> None:
+    def lookup(self, name: str, callback: LookupCallback, *, key: Hashable,
+               patient: bool = False) -> bool:
         """Call ``callback`` with the connected channel for ``name``, or with None if the
         IOC does not have it: at once when known, else when the search settles.
 
@@ -472,29 +512,46 @@ class Upstream:
         A ``patient`` waiter (a search to answer) waits as long as the lookup runs,
         which for a name lost with its IOC is ``disconnect_timeout``; others (a channel
         being created) get None after ``connect_timeout``.
+
+        False, and no callback ever, when the lookup cannot be taken: MAX_WAITERS wait
+        for this name or MAX_WAITERS_TOTAL for all, or ``max_lookups`` names are being
+        looked up (a search storm: clients search again, the storm passes).
         """
         chan = self.channels.get(name)
         if chan is not None and chan.state is State.CONNECTED:
             callback(chan)
-            return
+            return True
         now = time.monotonic()
         if chan is None:
             expiry = self.dead.get(name)
             if expiry is not None:
                 if expiry > now:
                     callback(None)
-                    return
+                    return True
                 del self.dead[name]
+        if chan is None or key not in chan.waiters:
+            full = ""
+            if self.waiting >= MAX_WAITERS_TOTAL:
+                full = f"{self.waiting} searches and channels waiting in all"
+            elif chan is not None and len(chan.waiters) >= MAX_WAITERS:
+                full = f"{len(chan.waiters)} waiting for one name"
+            elif chan is None and len(self.unresolved) >= self.max_lookups:
+                full = f"{len(self.unresolved)} names being looked up (-max_lookups)"
+            if full:
+                self.count("lookups_refused")
+                rlog.warning(("storm", full[-12:]), "search storm: %s; ignoring %r", full,
+                             name[:80])
+                return False
+        if chan is None:
             chan = self._start(name, now + self.connect_timeout)
-        if key is None:
-            key = object()
-        elif key not in chan.waiters and len(chan.waiters) >= MAX_WAITERS:
-            return  # a search storm: the client will search again
         deadline = chan.give_up_at if patient else now + self.connect_timeout
+        if key not in chan.waiters:
+            self.waiting += 1
         chan.waiters[key] = _Waiter(callback, deadline)
         if deadline < chan.waiter_due:
             chan.waiter_due = deadline
             self._schedule(chan)
+        return True
 
     def known(self, name: str) -> UpstreamChannel | None:
         """The connected channel for ``name``, if there is one (the search fast path)."""
@@ -589,6 +646,7 @@ class Upstream:
 
     def _expire_waiters(self, chan: UpstreamChannel, now: float) -> None:
         expired = [k for k, waiter in chan.waiters.items() if waiter.deadline <= now]
+        self.waiting -= len(expired)
         for key in expired:
             chan.waiters.pop(key).callback(None)
         chan.waiter_due = min((x.deadline for x in chan.waiters.values()), default=math.inf)
@@ -604,6 +662,11 @@ class Upstream:
 
     # ------------------------------------------------------------ search replies
     def search_reply(self, data: bytes, addr: tuple[str, int]) -> None:
+        if addr[0] not in self.senders:
+            self.count("forged_replies")
+            rlog.warning(("forged", addr[0]), "search reply from %s:%d ignored: not an "
+                         "upstream address", *addr[:2])
+            return
         for command, port, _count, ip, cid, _payload in w.iter_datagram(data):
             if command != w.SEARCH:
                 continue
@@ -647,6 +710,7 @@ class Upstream:
         log.info("connected upstream %s (type %d, count %d)", chan.name, chan.native_type,
                  chan.native_count)
         waiters, chan.waiters = chan.waiters, {}
+        self.waiting -= len(waiters)
         for waiter in waiters.values():
             waiter.callback(chan)
 
@@ -677,8 +741,12 @@ class Upstream:
         if chan.circuit is not None:
             chan.circuit.clear(chan)
         if negative and self.dead_timeout > 0:
+            self.dead.pop(chan.name, None)  # re-inserted last: the dict stays in expiry order
             self.dead[chan.name] = time.monotonic() + self.dead_timeout
+            while len(self.dead) > MAX_DEAD:
+                del self.dead[next(iter(self.dead))]
         waiters, chan.waiters = chan.waiters, {}
+        self.waiting -= len(waiters)
         for waiter in waiters.values():
             waiter.callback(None)
 
@@ -696,6 +764,8 @@ class Upstream:
             else:
                 self.channel_lost(chan)
         circuit.channels.clear()
+        for pending in circuit.pending.values():
+            pending.down.request_done()  # the client's channel is gone with the IOC
         circuit.pending.clear()
         circuit.subs.clear()
 
@@ -743,15 +813,20 @@ class Upstream:
                 log.info("closing idle upstream circuit to %s:%d", *circuit.address)
                 del self.circuits[circuit.address]
                 circuit.close()
-        for name, expiry in list(self.dead.items()):
-            if expiry <= now:
-                del self.dead[name]
+        dead = self.dead  # in expiry order (see _fail)
+        while dead:
+            name = next(iter(dead))
+            if dead[name] > now:
+                break
+            del dead[name]
         self.flusher.flush()
 
     def stats(self) -> dict[str, int]:
-        return {"channels": sum(c.state is State.CONNECTED for c in self.channels.values()),
-                "unresolved": len(self.unresolved), "circuits": len(self.circuits),
-                "dead": len(self.dead)}
+        return {"upstream_channels": sum(c.state is State.CONNECTED
+                                         for c in self.channels.values()),
+                "unresolved": len(self.unresolved), "upstream_circuits": len(self.circuits),
+                "dead": len(self.dead), "waiting": self.waiting,
+                "congested": self.congested}
 
 
 def enlarge_receive_buffer(sock: socket.socket) -> None:

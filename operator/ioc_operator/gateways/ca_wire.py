@@ -21,6 +21,11 @@ HEADER_SIZE = HEADER.size  # 16
 EXTENDED_SIZE = HEADER_SIZE + LARGE_SIZES.size  # 24
 LARGE = 0xFFFF  # payload_size marker of the extended header (CA >= 4.9)
 MAX_PAYLOAD = 256 * 1024 * 1024  # a larger claimed size is a broken or hostile peer
+MAX_NAME = 1024  # bytes of a PV name (with field and filter); no IOC holds a longer one
+# caproto refuses to build a search for a record part longer than this (EPICS 3.14's
+# limit, rsrv's too): such a name can be on no IOC behind us.
+MAX_RECORD_NAME: int = ca.MAX_RECORD_LENGTH
+EVENT_REQUEST_SIZE = 16  # EVENT_ADD payload: low, high, to (floats), mask, pad
 
 CA_MINOR_VERSION: int = ca.DEFAULT_PROTOCOL_VERSION  # 13; >= 12 enables TCP name service
 ANY_ADDRESS = 0xFFFFFFFF  # search reply "server IP": use the address the reply came from
@@ -36,6 +41,9 @@ ECA_NOWTACCESS = _eca("ECA_NOWTACCESS")
 ECA_BADCHID = _eca("ECA_BADCHID")
 ECA_BADMONID = _eca("ECA_BADMONID")
 ECA_DISCONN = _eca("ECA_DISCONN")
+ECA_BADTYPE = _eca("ECA_BADTYPE")
+ECA_ALLOCMEM = _eca("ECA_ALLOCMEM")
+DBR_TYPES = frozenset(int(t) for t in ca.ChannelType)  # every type a request may ask for
 
 # Command ids, from caproto's message classes.
 VERSION = ca.VersionRequest.ID
@@ -84,23 +92,47 @@ def decode_name(payload: bytes) -> str:
     return payload.split(b"\0", 1)[0].decode("latin-1")
 
 
+_CONTROL = bytes(range(0x20)) + b"\x7f"
+
+
+def pv_name(payload: bytes) -> str | None:
+    """A search or create-channel payload's name, or None when no IOC can hold it or
+    it cannot be passed on as it is: empty, longer than MAX_NAME, a record part longer
+    than caproto (and rsrv) allow, control characters, or not UTF-8 (caproto encodes the
+    names it sends as UTF-8: other bytes would reach the IOC changed)."""
+    raw = payload.split(b"\0", 1)[0]
+    if not raw or len(raw) > MAX_NAME or len(raw) != len(raw.translate(None, _CONTROL)):
+        return None
+    if len(raw.split(b".", 1)[0]) > MAX_RECORD_NAME:
+        return None
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return None
+
+
 class StreamFramer:
     """Splits a TCP byte stream into CA messages and hands each to a handler.
 
     Partial messages stay buffered until the rest arrives. Payloads are copied out as
-    bytes so handlers may keep them (the monitor cache does).
+    bytes so handlers may keep them (the monitor cache does). A header claiming more
+    than ``max_payload`` bytes raises ValueError (the caller closes the circuit) before
+    any of it is buffered. ``stop``, if given, is asked after each message: when it
+    says so the rest stays buffered until the next ``feed`` (flow control).
     """
 
-    __slots__ = ("_buf",)
+    __slots__ = ("_buf", "max_payload")
 
-    def __init__(self) -> None:
+    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
         self._buf = bytearray()
+        self.max_payload = max_payload
 
     def pending(self) -> int:
         """Bytes waiting for the rest of their message."""
         return len(self._buf)
 
-    def feed(self, data: bytes, handler: MessageHandler) -> None:
+    def feed(self, data: bytes, handler: MessageHandler,
+             stop: Callable[[], bool] | None = None) -> None:
         buf = self._buf
         if buf:
             buf += data
@@ -116,13 +148,15 @@ class StreamFramer:
                     break
                 size, count = unpack_large(view, body)
                 body += LARGE_SIZES.size
-            stop = body + size
-            if stop > end:
-                if size > MAX_PAYLOAD:
-                    raise ValueError(f"message of {size} bytes (command {command})")
+            if size > self.max_payload:
+                raise ValueError(f"message of {size} bytes (command {command})")
+            last = body + size
+            if last > end:
                 break
-            handler(command, data_type, count, p1, p2, bytes(view[body:stop]))
-            pos = stop
+            handler(command, data_type, count, p1, p2, bytes(view[body:last]))
+            pos = last
+            if stop is not None and stop():
+                break
         if view is buf:
             del buf[:pos]
         elif pos < end:
