@@ -36,10 +36,13 @@ from p4p.server import DynamicProvider, Server, StaticProvider
 from p4p.server.raw import SharedPV
 
 from .bridge_channel import BridgeChannel, ChannelState, InlineContext
+from .ca_wire import name_ok
+from .ratelog import RateLimitedLog
 
 __all__ = ["Bridge", "BridgeConfig", "SearchBudget", "main", "parse_args"]
 
 log = logging.getLogger("ioc_operator.gateways.bridge")
+rlog = RateLimitedLog(log)
 
 # CA names the IOC did not answer within LOOKUP_TIMEOUT are "absent" for NEGATIVE_TTL: PVA
 # searches for them are not claimed and do not cause CA searches until then. Short, so a
@@ -47,6 +50,8 @@ log = logging.getLogger("ioc_operator.gateways.bridge")
 LOOKUP_TIMEOUT = 1.0
 NEGATIVE_TTL = 5.0
 NEGATIVE_MAX = 20000  # absent names remembered at most (a search storm cannot grow memory)
+MAX_CHANNELS = 20_000  # names bridged at once (connected, being looked up, dormant)
+MAX_PUTS = 1000  # PVA puts waiting for or in CA at once; more fail at once
 # A PVA search runs on a pvxs server thread (UDP worker, or the TCP loop for name-server
 # searches), and waiting there for CA stalls that thread; but a pvxs client whose first
 # search goes unanswered searches again only after a full turn of its search buckets
@@ -81,6 +86,7 @@ class BridgeConfig:
     # Names the IOC is known to serve (its PV prefixes). Only searches for these may
     # wait for their CA lookup; empty: every name may.
     prefixes: tuple[str, ...] = ()
+    max_channels: int = MAX_CHANNELS
 
     def expected(self, name: str) -> bool:
         return not self.prefixes or name.startswith(self.prefixes)
@@ -139,6 +145,8 @@ class Bridge:
         self._lock = threading.Lock()  # the two tables; never held while waiting for anything
         self._budget = SearchBudget()
         self._stop = threading.Event()
+        self._puts = threading.BoundedSemaphore(MAX_PUTS)
+        self.refused: dict[str, int] = {"names": 0, "channels": 0}
         self._sweeper = threading.Thread(target=self._sweep_loop, name="bridge-sweep",
                                          daemon=True)
         # Two providers (see testChannel): the dynamic one is asked first (order 0) and
@@ -202,11 +210,16 @@ class Bridge:
                 return None
             if self._absent.get(ca_name, 0.0) > time.monotonic():
                 return None
+            if len(self._channels) >= self.config.max_channels:
+                self.refused["channels"] += 1
+                rlog.warning("channels", "%d names bridged (--max-channels): %s not looked "
+                             "up", len(self._channels), ca_name[:80])
+                return None
             self._absent.pop(ca_name, None)
             channel = BridgeChannel(ca_name, self.ctx, self._workers,
                                     read_only=self.config.read_only,
                                     put_timeout=self.config.put_timeout,
-                                    publish=self._publish)
+                                    publish=self._publish, puts=self._puts)
             channel.aliases.add(alias)
             self._channels[ca_name] = channel
         log.debug("looking up %s over CA", ca_name)
@@ -240,6 +253,9 @@ class Bridge:
         ca_name = self.upstream(name)
         if ca_name is None:
             return False  # denied by the pvlist
+        if not name_ok(ca_name):  # caproto would raise: no IOC holds such a name
+            self.refused["names"] += 1
+            return False
         channel = self._channel(ca_name, name)
         if channel is None:
             return False  # absent a moment ago
@@ -263,7 +279,8 @@ class Bridge:
         clients of the name; it opens when the CA channel has its first value)."""
         host = peer.rsplit(":", 1)[0]
         ca_name = self.upstream(name, host)
-        channel = self._channel(ca_name, name, create=False) if ca_name else None
+        channel = self._channel(ca_name, name, create=False) \
+            if ca_name and name_ok(ca_name) else None
         if channel is None:
             # Denied, or dropped since the search. No SharedPV: p4p prints a TypeError and
             # the client gets "no such channel" and searches again.
@@ -382,6 +399,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prefix", action="append", default=[],
                         help="PV prefix the IOC serves (repeatable): searches for these "
                              "names are answered first; others are still bridged")
+    parser.add_argument("--max-channels", type=int, default=MAX_CHANNELS,
+                        help="names bridged at once; searches for more new names are not "
+                             f"answered until some are dropped ({MAX_CHANNELS})")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="-v: connections and drops, -vv: every search and put")
     return parser.parse_args(argv)
@@ -416,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pvlist=pvlist,
         put_timeout=args.put_timeout,
         prefixes=tuple(args.prefix),
+        max_channels=max(1, args.max_channels),
     )
     stop = threading.Event()
 

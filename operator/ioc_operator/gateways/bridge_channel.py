@@ -34,6 +34,7 @@ from p4p.server import ServerOperation
 from p4p.server.raw import SharedPV
 
 from .bridge_nt import POSIX_TIME_AT_EPICS_EPOCH, NTSpec, TimeUpdate, alarm_fields, metadata_fields
+from .ratelog import RateLimitedLog
 
 __all__ = [
     "BridgeChannel",
@@ -45,6 +46,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("ioc_operator.gateways.bridge")
+rlog = RateLimitedLog(log)
 
 CA_OP_TIMEOUT = 2.0  # seconds for a CA read issued from a callback (the channel is up)
 TIME_MASK = SubscriptionType.DBE_VALUE | SubscriptionType.DBE_ALARM
@@ -70,7 +72,8 @@ class BridgeChannel:
     """Mirrors one CA channel into one SharedPV; shared by every PVA client of the name."""
 
     def __init__(self, name: str, ctx: Context, workers: Executor, *, read_only: bool,
-                 put_timeout: float, publish: Callable[[BridgeChannel, bool], None]) -> None:
+                 put_timeout: float, publish: Callable[[BridgeChannel, bool], None],
+                 puts: threading.BoundedSemaphore | None = None) -> None:
         self.name = name
         self.aliases: set[str] = {name}  # PVA names served by this CA channel (pvlist)
         self.state = ChannelState.SEARCHING
@@ -85,6 +88,9 @@ class BridgeChannel:
         self._publish = publish  # (self, True) when the CA channel is up, False when not
         self._read_only = read_only
         self._put_timeout = put_timeout
+        # Puts queued or running, all channels together: a client sending puts faster
+        # than CA completes them must not grow the worker pool's queue without bound.
+        self._puts = puts if puts is not None else threading.BoundedSemaphore(1000)
         self._lock = threading.Lock()  # state transitions vs. the sweeper; never held by pvxs
         self._spec: NTSpec | None = None
         self._metadata: dict[str, Any] = {}
@@ -312,10 +318,21 @@ class BridgeChannel:
     # ------------------------------------------------------------------ PVA put
     def submit_put(self, op: ServerOperation) -> None:
         """Hand a PVA put to the worker pool (it waits for CA; pvxs threads must not)."""
+        if not self._puts.acquire(blocking=False):
+            rlog.warning("puts", "put to %s refused: too many puts waiting", self.name)
+            op.done(error="the CA-to-PVA bridge is busy: too many puts waiting")
+            return
         try:
-            self._workers.submit(self.put, op)
+            self._workers.submit(self._put_and_release, op)
         except RuntimeError:  # shutting down
+            self._puts.release()
             op.done(error="the CA-to-PVA bridge is stopping")
+
+    def _put_and_release(self, op: ServerOperation) -> None:
+        try:
+            self.put(op)
+        finally:
+            self._puts.release()
 
     def put(self, op: ServerOperation) -> None:
         """Forward a PVA put as a CA put with completion, then read the value back so a

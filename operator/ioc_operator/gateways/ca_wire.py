@@ -101,14 +101,25 @@ def pv_name(payload: bytes) -> str | None:
     than caproto (and rsrv) allow, control characters, or not UTF-8 (caproto encodes the
     names it sends as UTF-8: other bytes would reach the IOC changed)."""
     raw = payload.split(b"\0", 1)[0]
-    if not raw or len(raw) > MAX_NAME or len(raw) != len(raw.translate(None, _CONTROL)):
-        return None
-    if len(raw.split(b".", 1)[0]) > MAX_RECORD_NAME:
+    if not _name_bytes_ok(raw):
         return None
     try:
         return raw.decode()
     except UnicodeDecodeError:
         return None
+
+
+def name_ok(name: str) -> bool:
+    """Whether caproto can search for ``name`` and an IOC can hold it (see pv_name)."""
+    try:
+        return _name_bytes_ok(name.encode())
+    except UnicodeEncodeError:  # lone surrogates
+        return False
+
+
+def _name_bytes_ok(raw: bytes) -> bool:
+    return (0 < len(raw) <= MAX_NAME and len(raw) == len(raw.translate(None, _CONTROL))
+            and len(raw.split(b".", 1)[0]) <= MAX_RECORD_NAME)
 
 
 class StreamFramer:
