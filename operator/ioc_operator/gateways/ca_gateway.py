@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import resource
 import signal
 import sys
 from collections import Counter
@@ -32,14 +31,13 @@ from .ca_pvlist import PVList, PVListError, load_pvlist
 from .ca_upstream import Flusher, Upstream
 from .ca_wire import ACCESS_READ, ACCESS_WRITE
 from .ca_wire import MAX_PAYLOAD as MAX_UPSTREAM_MESSAGE
+from .limits import CircuitLimit
 
 __all__ = ["Gateway", "GatewayConfig", "main", "parse_args", "serve"]
 
 log = logging.getLogger("ioc_ca_gateway")
 
 DEFAULT_PORT = 5064
-HOST_SHARE = 4  # one client host may hold at most 1/HOST_SHARE of -max_circuits
-FD_RESERVE = 64  # descriptors kept for the IOC side, listeners and logs
 
 
 @dataclass
@@ -57,7 +55,7 @@ class GatewayConfig:
     disconnect_timeout: float = 300.0
     verbosity: int = 0
     # Bounds (docs/ca-gateway.md, "Limits under load"): what one gateway holds at most.
-    max_circuits: int = 1024  # client TCP circuits; one client host 1/HOST_SHARE of them
+    max_circuits: int = 1024  # client TCP circuits; one client host a quarter of them
     max_channels: int = 200_000  # client channels, all circuits together
     max_subscriptions: int = 200_000  # client subscriptions, all circuits together
     max_lookups: int = 20_000  # names being looked up on the IOC at once
@@ -80,12 +78,11 @@ class Gateway:
                                  max_lookups=config.max_lookups, count=self.count)
         self.upstream.on_uncongested = self._uncongested
         self.circuits: set[DownCircuit] = set()
-        self.per_host: Counter[str] = Counter()
+        self.limit = CircuitLimit(config.max_circuits, "-max_circuits")
         self.channels = 0  # client channels, all circuits
         self.subscriptions = 0  # client subscriptions, all circuits
         self.buffered = 0  # bytes of unfinished client requests, all circuits
         self.stats: Counter[str] = Counter()  # what was refused, dropped or ignored
-        self.max_circuits = config.max_circuits
         # -ro removes write access whatever the IOC grants; read access is the IOC's.
         self._mask = ACCESS_READ | (0 if config.read_only else ACCESS_WRITE)
         self._servers: list[asyncio.Server] = []
@@ -97,19 +94,14 @@ class Gateway:
 
     def admit(self, circuit: DownCircuit) -> str:
         """Take a client circuit into the count; why not, if it may not stay."""
-        if len(self.circuits) >= self.max_circuits:
-            return f"{len(self.circuits)} circuits open (-max_circuits)"
-        if self.per_host[circuit.host] >= max(1, self.max_circuits // HOST_SHARE):
-            return f"{self.per_host[circuit.host]} circuits open from this host"
-        self.circuits.add(circuit)
-        self.per_host[circuit.host] += 1
-        return ""
+        refusal = self.limit.admit(circuit.host)
+        if not refusal:
+            self.circuits.add(circuit)
+        return refusal
 
     def release(self, circuit: DownCircuit) -> None:
         self.circuits.discard(circuit)
-        self.per_host[circuit.host] -= 1
-        if self.per_host[circuit.host] <= 0:
-            del self.per_host[circuit.host]
+        self.limit.release(circuit.host)
 
     def _uncongested(self) -> None:
         for circuit in list(self.circuits):
@@ -130,10 +122,6 @@ class Gateway:
 
     async def start(self) -> None:
         cfg = self.config
-        self.max_circuits = min(cfg.max_circuits, _descriptors() - FD_RESERVE)
-        if self.max_circuits < cfg.max_circuits:
-            log.warning("-max_circuits %d lowered to %d: %d file descriptors",
-                        cfg.max_circuits, self.max_circuits, _descriptors())
         await self.upstream.start()
         for host in cfg.server_hosts:
             server = await self.loop.create_server(
@@ -178,19 +166,6 @@ class Gateway:
         for server in self._servers:
             await server.wait_closed()
         await asyncio.sleep(0)  # let transports run their connection_lost callbacks
-
-
-def _descriptors() -> int:
-    """File descriptors this process may open, after raising the soft limit to the hard
-    one (each client circuit takes one)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 def _split(values: Sequence[str]) -> list[str]:

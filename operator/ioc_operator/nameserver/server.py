@@ -24,6 +24,7 @@ from typing import Any
 
 from ..gateways import ca_wire as w
 from ..gateways.ca_downstream import bind_udp
+from ..gateways.limits import CircuitLimit
 from ..gateways.ratelog import RateLimitedLog
 from . import ca, pva
 from .probe import UdpProber
@@ -229,17 +230,20 @@ class _Circuit(asyncio.Protocol):
     def __init__(self, server: NameServer) -> None:
         self.server = server
         self.output = _Output(server)
+        self._counted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         out = self.output
         out.opened(transport)
-        circuits = self.server.circuits[self.proto]
-        if len(circuits) >= self.server.config.max_circuits:
-            rlog.warning((self.proto, "max"), "%s: %d circuits open, refusing %s",
-                         self.proto.upper(), len(circuits), out.peer)
+        refusal = self.server.limits[self.proto].admit(out.host)
+        if refusal:
+            self.server.stats["circuits_refused"] += 1
+            rlog.warning((self.proto, "max", out.host), "%s: %s, refusing %s",
+                         self.proto.upper(), refusal, out.peer)
             out.close()
             return
-        circuits.add(self)
+        self._counted = True
+        self.server.circuits[self.proto].add(self)
         log.debug("%s circuit from %s", self.proto.upper(), out.peer)
         for message in self.greeting():
             out.queue(message)
@@ -247,6 +251,9 @@ class _Circuit(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.output.closed = True
         self.server.circuits[self.proto].discard(self)
+        if self._counted:
+            self._counted = False
+            self.server.limits[self.proto].release(self.output.host)
 
     def pause_writing(self) -> None:
         self.output.pause_writing()
@@ -505,10 +512,15 @@ class NameServer:
         self.prober = UdpProber(self.loop, self._probe_result, timeout=config.confirm_timeout)
         self.resolver = Resolver(self.table, self.prober, config.limits)
         self.circuits: dict[str, set[_Circuit]] = {CA: set(), PVA: set()}
+        # per protocol, one client host a quarter of them; the descriptor limit is
+        # shared by both protocols
+        self.limits = {proto: CircuitLimit(config.max_circuits, f"{proto} circuits", 2)
+                       for proto in (CA, PVA)}
         self.stats: dict[str, int] = dict.fromkeys(
             ("ca_udp_searches", "ca_tcp_searches", "pva_udp_searches", "pva_tcp_searches",
              "ca_udp_datagrams_out", "pva_udp_datagrams_out", "bad_messages", "bad_names",
-             "ignored_messages", "answers_dropped", "outside_refused"), 0)
+             "ignored_messages", "answers_dropped", "outside_refused", "circuits_refused"),
+            0)
         self._dirty: list[_Output | _UdpListener] = []
         self._flush_scheduled = False
         self._servers: list[asyncio.AbstractServer] = []
