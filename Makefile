@@ -49,6 +49,7 @@ unit: setup
 
 lint: setup
 	$(PY) -m ruff check operator testbed tests benchmarks
+	$(PY) -m mypy
 
 ## bench: operator benchmarks on a real control plane; writes docs/benchmarks.md
 bench: setup controlplane

@@ -12,10 +12,11 @@ from typing import Any
 
 import yaml
 
+from ioc_operator.model.config import OperatorConfig
+from ioc_operator.model.crd import crd_yaml
+from ioc_operator.model.errors import IOCValidationError
+
 from . import GROUP, KIND, VERSION
-from .config import OperatorConfig
-from .crd import crd_yaml
-from .errors import IOCValidationError
 
 
 class _Dumper(yaml.SafeDumper):
@@ -55,7 +56,8 @@ def read_iocs(paths: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from .render import parse_ioc, render_all
+    from ioc_operator.allocation.plan import render_all
+    from ioc_operator.model.validation import parse_ioc
 
     docs = list(read_iocs(args.filename))
     if not docs:
@@ -77,7 +79,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def _print_env(data: dict[str, str], fmt: str) -> None:
-    from .directory import PHOEBUS_KEY, phoebus_settings
+    from ioc_operator.discovery.directory import PHOEBUS_KEY, phoebus_settings
 
     if fmt == "phoebus":
         sys.stdout.write(data.get(PHOEBUS_KEY) or phoebus_settings(data))
@@ -89,7 +91,7 @@ def _print_env(data: dict[str, str], fmt: str) -> None:
 
 def _name_service_arg(text: str) -> Any:
     """ADDR, or ADDR:CA_PORT[:PVA_PORT[:PVA_UDP_PORT]]."""
-    from .clientenv import NameService
+    from ioc_operator.discovery.clientenv import NameService
 
     address, *ports = text.split(":")
     try:
@@ -105,14 +107,14 @@ def _name_service_arg(text: str) -> Any:
 def cmd_client_env(args: argparse.Namespace) -> int:
     if args.name_service is not None:
         # The constant directory for a name service: nothing to read from the cluster.
-        from .clientenv import name_service_env
+        from ioc_operator.discovery.clientenv import name_service_env
 
         _print_env(name_service_env(args.name_service), args.format)
         return 0
 
     from kubernetes import config as k8s_config
 
-    from .kube import Kube, load_client
+    from ioc_operator.controller.kube import Kube, client
 
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
@@ -123,11 +125,11 @@ def cmd_client_env(args: argparse.Namespace) -> int:
             namespace = current.get("context", {}).get("namespace") or "default"
         except (k8s_config.ConfigException, OSError):
             namespace = "default"
-    kube = Kube(load_client())
+    kube = Kube(client())
     if args.per_ioc:
         # Every IOC's own settings merged, as the directory holds them without a name
         # service: for sites that want the per-IOC lists while the directory is constant.
-        from .directory import directory_env
+        from ioc_operator.discovery.directory import directory_env
 
         iocs = kube.list(f"{GROUP}/{VERSION}", KIND, namespace)
         envs = [(i.get("status") or {}).get("clientEnv") or {} for i in iocs]
@@ -157,13 +159,9 @@ def cmd_crd(_: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
-    from . import credentials
-
-    if not credentials.needs_client_library():
-        credentials.block_client_library()  # before kopf is imported: ~10 MB less
     import kopf
 
-    from . import handlers  # noqa: F401  (registers the handlers)
+    from ioc_operator.controller import handlers  # noqa: F401  (registers the handlers)
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -6,8 +6,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from ..config import OperatorConfig
-from ..models import IOC
+from ioc_operator.model.config import OperatorConfig
+from ioc_operator.model.ioc import IOC
+
 from . import sidecars
 from .ports import ResolvedPorts
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from ..config import OperatorConfig
-from ..models import IOC, CAGatewayImplementation
+from ioc_operator.model.config import OperatorConfig
+from ioc_operator.model.ioc import IOC, CAGatewayImplementation
+
 from . import names, sidecars
 from .ports import ResolvedPorts
 
@@ -68,7 +69,7 @@ def image(ioc: IOC, config: OperatorConfig) -> str:
     if gw.image:
         return gw.image
     if gw.implementation == CAGatewayImplementation.CA_GATEWAY:
-        assert config.ca_gateway_image, "check_semantics refuses ca-gateway without an image"
+        assert config.ca_gateway_image, "validation.check_config refuses this"
         return config.ca_gateway_image
     return config.gateway_image
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ioc_operator.model.ioc import IOC
+
 from .. import GROUP, KIND, VERSION
-from ..models import IOC
 
 IOC_LABEL = f"{GROUP}/ioc"
 MODE_LABEL = f"{GROUP}/mode"

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..models import IOC
+from ioc_operator.model.ioc import IOC
+
 from . import names
 from .ports import ResolvedPorts
 from .service import service_ports

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..models import IOCSpec, NetworkMode
+from ioc_operator.model.ioc import IOCSpec, NetworkMode
 
 CA_PORT = 5064
 PVA_SERVER_PORT = 5075

@@ -7,8 +7,9 @@ import hashlib
 import json
 from typing import Any
 
-from ..config import OperatorConfig
-from ..models import IOC
+from ioc_operator.model.config import OperatorConfig
+from ioc_operator.model.ioc import IOC
+
 from . import names, sidecars
 from .ports import ResolvedPorts
 

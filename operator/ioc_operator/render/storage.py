@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..models import IOC
+from ioc_operator.model.ioc import IOC
+
 from . import names
 
 

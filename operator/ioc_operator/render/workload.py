@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import OperatorConfig
-from ..models import IOC, CAImplementation, NetworkMode
+from ioc_operator.model.config import OperatorConfig
+from ioc_operator.model.ioc import IOC, CAImplementation, NetworkMode
+
 from . import bridge, cagw, names, pvagw, sidecars
 from .ports import ResolvedPorts
 

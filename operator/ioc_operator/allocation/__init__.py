@@ -1,0 +1,1 @@
+"""What IOCs must not share: host ports per node, PV prefixes per namespace. Pure."""

@@ -1,0 +1,1 @@
+"""The operator: kopf handlers, reconcile, the Kubernetes API, the state it keeps."""

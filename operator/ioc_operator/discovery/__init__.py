@@ -1,0 +1,1 @@
+"""What clients are told: per-IOC client settings and the client directory. Pure."""
