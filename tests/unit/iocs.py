@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ioc_operator.models import IOC
-from ioc_operator.render import parse_ioc
+from ioc_operator.model.ioc import IOC
+from ioc_operator.model.validation import parse_ioc
 
 
 def make_ioc(name: str = "ioc1", namespace: str = "ns", uid: str | None = "uid-1",

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from ioc_operator.allocation import HostIOC, PortRangeExhausted, allocate
+from ioc_operator.allocation.hostports import HostIOC, PortRangeExhausted, allocate
 from ioc_operator.render.ports import ResolvedPorts
 
 
@@ -113,7 +113,7 @@ def test_explicit_port_evicts_an_allocation_which_then_moves():
 # ---- duplicate PV prefixes (prefixes.py): the same rule, older keeps it
 
 def test_the_older_ioc_keeps_a_prefix_and_a_refused_one_is_freed_when_it_goes():
-    from ioc_operator.prefixes import PrefixHolder, freed, taken_by
+    from ioc_operator.allocation.prefixes import PrefixHolder, freed, taken_by
 
     a = PrefixHolder("a", "u1", "BL01:", "2026-01-01T00:00:00Z", False)
     b = PrefixHolder("b", "u2", "BL01:", "2026-01-02T00:00:00Z", True)

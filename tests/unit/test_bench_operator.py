@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from benchmarks.bench_operator import listed, operator_env
 
-from ioc_operator.config import OperatorConfig
+from ioc_operator.model.config import OperatorConfig
 
 
 def test_an_address_is_listed_only_as_a_whole_entry():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ioc_operator import clientenv
+from ioc_operator.discovery import clientenv
 from ioc_operator.render import resolve_ports
 from ioc_operator.render.ports import ResolvedPorts
 

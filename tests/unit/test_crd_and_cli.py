@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from ioc_operator.cli import main
-from ioc_operator.crd import crd, crd_yaml
+from ioc_operator.model.crd import crd, crd_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "iocs.epics-operator.io.yaml"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ioc_operator import clientenv
-from ioc_operator.directory import (
+from ioc_operator.discovery import clientenv
+from ioc_operator.discovery.directory import (
     PHOEBUS_KEY,
     directory_config_map,
     directory_env,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import copy
 
-from ioc_operator.drift import reclaim_patch
-from ioc_operator.render import parse_ioc, render
-from ioc_operator.resync import Tombstones, suspects
+from ioc_operator.controller.drift import reclaim_patch
+from ioc_operator.controller.resync import Tombstones, suspects
+from ioc_operator.model.validation import parse_ioc
+from ioc_operator.render import render
 
 
 def _objects(mode: str) -> dict[str, dict]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from ioc_operator.echoes import is_echo, key, mark, marks
+from ioc_operator.controller.echoes import is_echo, key, mark, marks
 
 
 def _sts(generation: int, rv: str, ready: int = 0) -> dict:

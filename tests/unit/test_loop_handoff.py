@@ -10,8 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from ioc_operator.coalesce import Coalescer
-from ioc_operator.ioclocks import IOCLocks
+from ioc_operator.controller.runner import Coalescer, IOCLocks
 
 
 def test_the_loop_waits_for_a_lock_without_a_thread() -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from ioc_operator import clientenv
 from ioc_operator.cli import main, parser
-from ioc_operator.config import OperatorConfig
-from ioc_operator.directory import PHOEBUS_KEY, directory_config_map
+from ioc_operator.discovery import clientenv
+from ioc_operator.discovery.directory import PHOEBUS_KEY, directory_config_map
+from ioc_operator.model.config import OperatorConfig
 from ioc_operator.render import resolve_ports
 
 from iocs import make_ioc

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ioc_operator.conditions import Cond
-from ioc_operator.reachability import (
+from ioc_operator.controller.conditions import Cond
+from ioc_operator.controller.reachability import (
     FIRST_SPREAD,
     MAX_BACKOFF,
     Prober,
@@ -100,7 +100,7 @@ def test_probes_periodically_and_writes_the_condition():
     rec = Recorder()
 
     async def main() -> None:
-        prober = Prober(rec.write, rec.probe)
+        prober = Prober(rec.write, probe=rec.probe)
         prober.set("u1", target(ioc()))
         await until("three probes", lambda: len(rec.writes) >= 3)
         await prober.stop()
@@ -117,7 +117,7 @@ def test_no_address_yet_writes_no_address_without_probing():
     rec = Recorder()
 
     async def main() -> None:
-        prober = Prober(rec.write, rec.probe)
+        prober = Prober(rec.write, probe=rec.probe)
         prober.set("u1", target(ioc(env={})))
         await until("a write", lambda: rec.writes)
         await prober.stop()
@@ -132,7 +132,7 @@ def test_a_changed_target_probes_at_once_and_an_unchanged_one_does_not():
     rec = Recorder()
 
     async def main() -> None:
-        prober = Prober(rec.write, rec.probe)
+        prober = Prober(rec.write, probe=rec.probe)
         prober.set("u1", target(ioc(period=100)))
         await until("first probe", lambda: rec.writes, timeout=FIRST_SPREAD + 1)
         prober.set("u1", target(ioc(period=100, generation=2)))  # status write echo
@@ -152,7 +152,7 @@ def test_failures_back_off():
     rec = Recorder(result={"ca": {"ok": False, "error": "TimeoutError"}})
 
     async def main() -> None:
-        prober = Prober(rec.write, rec.probe)
+        prober = Prober(rec.write, probe=rec.probe)
         prober.set("u1", target(ioc(period=0.05)))
         await until("first probe", lambda: rec.probes)
         await asyncio.sleep(0.5)
@@ -170,7 +170,7 @@ def test_forget_stops_the_probe_and_a_failed_write_does_not():
     rec = Recorder(fail_writes=2)
 
     async def main() -> None:
-        prober = Prober(rec.write, rec.probe)
+        prober = Prober(rec.write, probe=rec.probe)
         prober.set("u1", target(ioc()))
         prober.set("u2", target(ioc(uid="u2")))
         assert len(prober) == 2
@@ -191,7 +191,7 @@ def test_probes_at_once_are_bounded():
     rec.delay = 0.05
 
     async def main() -> None:
-        prober = Prober(rec.write, rec.probe, concurrency=3)
+        prober = Prober(rec.write, probe=rec.probe, concurrency=3)
         for i in range(12):
             prober.set(f"u{i}", target(ioc(uid=f"u{i}", period=0.02)))
         await until("every IOC probed", lambda: len({w[0].uid for w in rec.writes}) == 12,
@@ -215,7 +215,7 @@ def _probe_children() -> list[int]:
         except OSError:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == os.getpid() and b"ioc_operator.probe" in cmd:
+        if ppid == os.getpid() and b"ioc_operator.controller.probe" in cmd:
             found.append(int(entry.name))
     return found
 
@@ -247,7 +247,7 @@ def test_an_ioc_is_probed_only_once_ready_and_then_at_once():
     second later (seen in the demo on real nodes)."""
     async def scenario() -> None:
         rec = Recorder()
-        prober = Prober(rec.write, rec.probe)
+        prober = Prober(rec.write, probe=rec.probe)
         prober.set("u1", target(ioc(period=30, ready=False)))
         await until("the NotReady condition", lambda: rec.writes)
         await asyncio.sleep(0.05)

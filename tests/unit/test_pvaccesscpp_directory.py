@@ -8,10 +8,10 @@ with pvaPy; docs/pvaccesscpp.md has the measurements.
 
 from __future__ import annotations
 
-from ioc_operator import clientenv
-from ioc_operator.clientenv import NameService, name_service_env
-from ioc_operator.directory import directory_config_map, directory_env, pva_addr_order
-from ioc_operator.render import render_all
+from ioc_operator.allocation.plan import render_all
+from ioc_operator.discovery import clientenv
+from ioc_operator.discovery.clientenv import NameService, name_service_env
+from ioc_operator.discovery.directory import directory_config_map, directory_env, pva_addr_order
 
 from iocs import make_ioc
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from ioc_operator.clientenv import for_ioc
-from ioc_operator.errors import IOCValidationError
+from ioc_operator.discovery.clientenv import for_ioc
+from ioc_operator.model.errors import IOCValidationError
 from ioc_operator.render import render, resolve_ports
 from ioc_operator.render.names import CONFIG_HASH_ANNOTATION
 

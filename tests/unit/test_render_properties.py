@@ -22,10 +22,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ioc_operator.errors import IOCValidationError
-from ioc_operator.models import IOC
-from ioc_operator.render import parse_ioc, render, render_all
+from ioc_operator.allocation.plan import render_all
+from ioc_operator.model.errors import IOCValidationError
+from ioc_operator.model.ioc import IOC
+from ioc_operator.model.validation import parse_ioc
 from ioc_operator.render import pvagw as pvagw_render
+from ioc_operator.render import render
 from ioc_operator.render.names import IOC_LABEL
 
 API_VERSION = "epics-operator.io/v1alpha1"

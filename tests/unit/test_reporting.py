@@ -9,10 +9,10 @@ from typing import Any
 import kopf
 import pytest
 
-from ioc_operator import bookkeeping
-from ioc_operator.conditions import Cond, transitions
-from ioc_operator.config import OperatorConfig
-from ioc_operator.reconcile import reconcile
+from ioc_operator.controller import bookkeeping
+from ioc_operator.controller.conditions import Cond, transitions
+from ioc_operator.controller.reconcile import reconcile
+from ioc_operator.model.config import OperatorConfig
 
 
 class OneStatefulSet:

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from ioc_operator.crd import crd
-from ioc_operator.errors import IOCValidationError
-from ioc_operator.render import parse_ioc
+from ioc_operator.model.crd import crd
+from ioc_operator.model.errors import IOCValidationError
+from ioc_operator.model.validation import parse_ioc
 
 ETCD_OBJECT_MAX = 1_572_864  # etcd's default request limit, 1.5 MiB
 ROOM_FOR_METADATA_AND_STATUS = 512 * 1024

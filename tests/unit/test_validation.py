@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from ioc_operator.errors import IOCValidationError
-from ioc_operator.render import parse_ioc, render
+from ioc_operator.model.config import OperatorConfig
+from ioc_operator.model.errors import IOCValidationError
+from ioc_operator.model.validation import check_config, check_semantics, parse_ioc
 
 from iocs import make_ioc
 
@@ -94,6 +95,8 @@ def test_pcas_needs_host_mode_or_the_ca_gateway(mode):
 def test_sidecar_gateway_settings_are_checked(gateways, field, words):
     pva = {"enabled": "pva" in gateways}
     with pytest.raises(IOCValidationError) as info:
-        render(make_ioc(network={"mode": "sidecar"}, servers={"pva": pva}, gateways=gateways))
+        ioc = make_ioc(network={"mode": "sidecar"}, servers={"pva": pva}, gateways=gateways)
+        check_semantics(ioc)
+        check_config(ioc, OperatorConfig())
     assert info.value.field == field
     assert words in str(info.value)
