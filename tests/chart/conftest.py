@@ -14,7 +14,7 @@ import pytest
 from chartlib import AUDIT_POLICY, CHART
 from kubernetes import client, config
 
-from ioc_operator.kube import Kube
+from ioc_operator.controller.kube import Kube
 from ioc_testbed.controlplane import (
     COLD_BUILD_HINT,
     ControlPlane,

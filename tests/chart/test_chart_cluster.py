@@ -35,9 +35,10 @@ from chartlib import (
 )
 from kubernetes import client
 
-from ioc_operator.clientenv import NameService, name_service_env
-from ioc_operator.kube import Kube, KubeError
-from ioc_operator.render import parse_ioc, render
+from ioc_operator.controller.kube import Kube, KubeError
+from ioc_operator.discovery.clientenv import NameService, name_service_env
+from ioc_operator.model.validation import parse_ioc
+from ioc_operator.render import render
 from ioc_testbed.controlplane import ControlPlane, free_port
 from ioc_testbed.helm import Helm
 from ioc_testbed.waiting import wait_for

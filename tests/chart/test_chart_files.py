@@ -17,8 +17,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from ioc_operator.cli import parser
-from ioc_operator.config import DEFAULT_GATEWAY_IMAGE, OperatorConfig
-from ioc_operator.crd import crd_yaml
+from ioc_operator.model.config import DEFAULT_GATEWAY_IMAGE, OperatorConfig
+from ioc_operator.model.crd import crd_yaml
 from ioc_testbed import resource
 
 NAMESPACED = {"rbac": {"scope": "namespaced"}, "watchNamespaces": ["bl-12", "bl-13"],

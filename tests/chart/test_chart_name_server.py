@@ -9,7 +9,7 @@ from typing import Any
 
 from chartlib import by_kind, rule_triples
 
-from ioc_operator.config import OperatorConfig
+from ioc_operator.model.config import OperatorConfig
 from ioc_operator.nameserver.main import build_parser
 
 NAME = "ioc-operator-name-server"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client, config
 
-from ioc_operator.kube import Kube
+from ioc_operator.controller.kube import Kube
 from ioc_testbed.controlplane import (
     COLD_BUILD_HINT,
     ControlPlane,

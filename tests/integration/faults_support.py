@@ -19,7 +19,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ioc_operator.kube import Kube, KubeError
+from ioc_operator.controller.kube import Kube, KubeError
+from ioc_testbed.waiting import wait_for
 
 from support import IOC_API
 
@@ -199,18 +200,10 @@ def converge(kube: Kube, namespace: str, expected: Iterable[str], what: str,
 
 def wait_until(what: str, probe: Any, timeout: float = 30.0,
                since: float | None = None) -> tuple[Any, float]:
-    """Poll `probe` until truthy (bounded); return (its value, seconds since `since`)."""
+    """wait_for, also returning the seconds since `since` (default: now)."""
     start = time.monotonic() if since is None else since
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    for _ in range(int(timeout / 0.05) + 2):
-        last = probe()
-        if last:
-            return last, time.monotonic() - start
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
+    value = wait_for(what, probe, timeout, interval=0.05)
+    return value, time.monotonic() - start
 
 
 # ----------------------------------------------------- the renderer's strategies

@@ -1,30 +1,19 @@
-"""Helpers for the integration tests: bounded waits, IOC manifests and their status, the
-operator subprocess."""
+"""Helpers for the integration tests: bounded waits (ioc_testbed.waiting), IOC manifests
+and their status, the operator subprocess."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ioc_operator.kube import Kube
+from ioc_operator.controller.kube import Kube
 from ioc_testbed.operator_process import OperatorProcess
+from ioc_testbed.waiting import wait_for
+
+__all__ = ["wait_for"]  # the one poll loop, ioc_testbed.waiting's: tests import it here
 
 IOC_API = "epics-operator.io/v1alpha1"
 WAIT = 30.0
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = WAIT) -> Any:
-    """Poll until probe() is truthy; bounded in time (and so in count)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
 
 
 def ioc_manifest(name: str, namespace: str, **spec: Any) -> dict[str, Any]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -13,6 +11,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from ioc_testbed.controlplane import ControlPlane, pinned_version
+from ioc_testbed.waiting import wait_for
 
 T = TypeVar("T")
 
@@ -46,18 +45,6 @@ PROBE_CRD = {
         ],
     },
 }
-
-
-def wait_for(probe: Callable[[], T | None], what: str, timeout: float = 30.0) -> T:
-    """Poll `probe` until it returns something truthy; bounded in time and count."""
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / 0.25) + 1):
-        if result := probe():
-            return result
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.25)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def widget(name: str, x: str) -> dict[str, object]:
@@ -124,7 +111,7 @@ def test_garbage_collector_deletes_dependents(api_client: client.ApiClient, name
             raise
         return False
 
-    wait_for(dependent_gone, "the garbage collector to delete the dependent ConfigMap")
+    wait_for("the garbage collector to delete the dependent ConfigMap", dependent_gone)
 
 
 def test_statefulset_controller_creates_pod(api_client: client.ApiClient, namespace: str) -> None:
@@ -150,7 +137,7 @@ def test_statefulset_controller_creates_pod(api_client: client.ApiClient, namesp
         pods = core.list_namespaced_pod(namespace, label_selector="app=probe").items
         return pods[0] if pods else None
 
-    created = wait_for(pod, "the StatefulSet controller to create pod probe-0")
+    created = wait_for("the StatefulSet controller to create pod probe-0", pod)
     assert created.metadata.name == "probe-0"
     assert created.metadata.owner_references[0].kind == "StatefulSet"
     assert created.status.phase == "Pending"  # no kubelet

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from ioc_operator.kube import Kube
+from ioc_operator.controller.kube import Kube
 
 from support import IOC_API, wait_for
 
@@ -126,8 +126,8 @@ def test_publisher_writes_changes_only_and_knows_its_own_echo(kube, namespace):
     IOCs is not written again, the ConfigMap the API server returns is recognised as
     our own write (no rewrite per echo), also once a later write has overtaken it, and
     a hand edit or a forget() is written over."""
-    from ioc_operator.directory import directory_config_map
-    from ioc_operator.publish import DirectoryPublisher
+    from ioc_operator.controller.publish import DirectoryPublisher
+    from ioc_operator.discovery.directory import directory_config_map
 
     # not the operator's directory name: a running operator leaves it alone
     name = "publisher-test"

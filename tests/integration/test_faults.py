@@ -34,7 +34,7 @@ from faults_support import (
 )
 from hypothesis import HealthCheck, given, settings
 
-from ioc_operator.kube import Kube, KubeError, path
+from ioc_operator.controller.kube import Kube, KubeError, path
 
 from support import IOC_API
 

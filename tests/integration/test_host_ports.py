@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ioc_operator.kube import Kube
+from ioc_operator.controller.kube import Kube
 
 from support import IOC_API, wait_for
 

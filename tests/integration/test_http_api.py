@@ -1,25 +1,24 @@
-"""The operator's own HTTP client (kube.HttpApi) on the real API server, with the
-credentials credentials.py reads from the control plane's kubeconfig."""
+"""The operator's API layer (kube.py) on the real API server, with the kubernetes
+package's ApiClient loaded as the operator loads it (kube.client)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
-from ioc_operator import credentials
-from ioc_operator.kube import HttpApi, Kube, KubeError
+from ioc_operator.controller import kube as kube_module
+from ioc_operator.controller.kube import Kube, KubeError
+
+from support import IOC_API, ioc_manifest
 
 
 @pytest.fixture
 def kubeconfig_env(control_plane, monkeypatch):
     monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
-    for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
-        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
 
 
 def test_requests_with_kubeconfig_credentials(kubeconfig_env, namespace):
-    kube = Kube(HttpApi(credentials.load))
+    kube = Kube(kube_module.client())
     assert kube.request("GET", "/version")["gitVersion"].startswith("v1.")
     cm = {"apiVersion": "v1", "kind": "ConfigMap",
           "metadata": {"name": "http-api", "namespace": namespace}, "data": {"a": "1"}}
@@ -32,23 +31,21 @@ def test_requests_with_kubeconfig_credentials(kubeconfig_env, namespace):
     assert kube.get("v1", "ConfigMap", namespace, "http-api") is None
 
 
-def test_a_401_reads_the_credentials_again_and_retries_once(kubeconfig_env):
-    """A rotated token: the first credentials are refused, the re-read ones work."""
-    good = credentials.load()
-    stale = dataclasses.replace(good, certificate_data=None, private_key_data=None,
-                                token="expired")
-    handed = [stale, good]
-    calls = []
-
-    def source():
-        calls.append(1)
-        return handed[min(len(calls), len(handed)) - 1]
-
-    kube = Kube(HttpApi(source))
-    assert kube.request("GET", "/api/v1/namespaces/default")["metadata"]["name"] == "default"
-    assert len(calls) == 2
-
-    refused = Kube(HttpApi(lambda: stale))  # still refused after the re-read: an error
+def test_a_status_patch_naming_another_uid_is_refused(kubeconfig_env, namespace):
+    """The operator writes status without reading the IOC first; the uid in its patch
+    keeps it from writing to a namesake created meanwhile."""
+    kube = Kube(kube_module.client())
+    ioc = kube.create(ioc_manifest("namesake", namespace))
+    url = f"/apis/{IOC_API}/namespaces/{namespace}/iocs/namesake/status"
     with pytest.raises(KubeError) as err:
-        refused.request("GET", "/api/v1/namespaces/default")
-    assert err.value.status == 401
+        kube.request("PATCH", url, body=[
+            {"op": "test", "path": "/metadata/uid", "value": "not-its-uid"},
+            {"op": "add", "path": "/status", "value": {"mode": "pod"}}],
+            content_type="application/json-patch+json")
+    assert err.value.status in (409, 422)
+    assert not (kube.get(IOC_API, "IOC", namespace, "namesake") or {}).get("status")
+    kube.request("PATCH", url, body=[
+        {"op": "test", "path": "/metadata/uid", "value": ioc["metadata"]["uid"]},
+        {"op": "add", "path": "/status", "value": {"mode": "pod"}}],
+        content_type="application/json-patch+json")
+    assert kube.get(IOC_API, "IOC", namespace, "namesake")["status"]["mode"] == "pod"

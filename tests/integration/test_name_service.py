@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 from kubernetes import client, config
 
-from ioc_operator.clientenv import NameService, name_service_env
-from ioc_operator.kube import Kube
+from ioc_operator.controller.kube import Kube
+from ioc_operator.discovery.clientenv import NameService, name_service_env
 from ioc_operator.nameserver.kubewatch import KubeWatch
 from ioc_operator.nameserver.table import IOC, Endpoint, Table
 from ioc_testbed.controlplane import (

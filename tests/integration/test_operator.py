@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from ioc_operator.kube import KubeError
+from ioc_operator.controller.kube import KubeError
 
 from support import (
     IOC_API,

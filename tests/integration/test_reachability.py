@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import time
 
-from ioc_operator.conditions import Cond
-from ioc_operator.reachability import reachable_condition
+from ioc_operator.controller.conditions import Cond
+from ioc_operator.controller.reachability import reachable_condition
 
 from support import IOC_API, wait_for
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from ioc_operator import bookkeeping
-from ioc_operator.kube import KubeError
+from ioc_operator.controller import bookkeeping
+from ioc_operator.controller.kube import KubeError
 
 from support import (
     IOC_API,
