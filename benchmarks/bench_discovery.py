@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the in-pod roles must start without the operator's imports
-    from ioc_operator.render import Rendered, ResolvedPorts
+    from ioc_operator.allocation.plan import Rendered
+    from ioc_operator.render import ResolvedPorts
     from ioc_testbed.lab import Lab, Pod
     from ioc_testbed.lab.servers import EpicsServer
 
@@ -408,7 +409,7 @@ def spawn_ioc(lab: Lab, rendered: Rendered, node: int, db: Path) -> EpicsServer:
 def publish(lab: Lab, rendered: Rendered, server: EpicsServer, cluster_ip: str,
             pvs_per_ioc: int) -> BenchIOC:
     """The Service as kube-proxy DNAT, and the client settings the operator publishes."""
-    from ioc_operator.clientenv import for_ioc
+    from ioc_operator.discovery.clientenv import for_ioc
 
     service = next(o for o in rendered.objects if o["kind"] == "Service")
     ports = [(p["protocol"].lower(), int(p["port"]), int(p["targetPort"]))
@@ -423,7 +424,8 @@ def publish(lab: Lab, rendered: Rendered, server: EpicsServer, cluster_ip: str,
 def start_iocs(lab: Lab, args: argparse.Namespace) -> tuple[list[BenchIOC], ResolvedPorts]:
     """Render and start every IOC, a wave at a time so 2 cores are not swamped by
     interpreters starting at once; each wave is waited for (bounded) before the next."""
-    from ioc_operator.render import parse_ioc, render_all
+    from ioc_operator.allocation.plan import render_all
+    from ioc_operator.model.validation import parse_ioc
     from ioc_testbed.lab.runner import SERVICE_RANGE
 
     db = lab.tmpdir / "discovery.db"
@@ -931,7 +933,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def bench(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
-    from ioc_operator.directory import directory_env
+    from ioc_operator.discovery.directory import directory_env
     from ioc_testbed.lab import Lab
     from ioc_testbed.lab.netns import cleanup_stale
 

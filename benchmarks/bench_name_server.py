@@ -245,7 +245,7 @@ def table_entries(iocs: Sequence[BenchIOC]) -> list[dict[str, Any]]:
 
 
 def constant_env(protocol: str) -> dict[str, str]:
-    from ioc_operator.clientenv import NameService, name_service_env
+    from ioc_operator.discovery.clientenv import NameService, name_service_env
 
     return {k: v for k, v in name_service_env(NameService(CLUSTER_IP)).items()
             if k.startswith(f"EPICS_{protocol}_")}
@@ -323,7 +323,7 @@ def connect_all(lab: Lab, args: argparse.Namespace, n_iocs: int, pvs_per_ioc: in
                 lightweight: bool, repeat: int, info: dict[str, Any]) -> list[Cell]:
     """One set of IOCs, the name server, a client: every (client, settings) cell."""
     from benchmarks import bench_discovery as bd
-    from ioc_operator.directory import directory_env
+    from ioc_operator.discovery.directory import directory_env
     from ioc_testbed.lab.nameservice import LabNameService
 
     setup = argparse.Namespace(iocs=n_iocs, pvs_per_ioc=pvs_per_ioc,
@@ -410,7 +410,8 @@ def memory_with_cached_names(lab: Lab, args: argparse.Namespace, service: LabNam
                              client: Pod) -> dict[str, Any]:
     """One IOC holding N records; every name asked once through the name server."""
     from benchmarks import bench_discovery as bd
-    from ioc_operator.render import parse_ioc, render_all
+    from ioc_operator.allocation.plan import render_all
+    from ioc_operator.model.validation import parse_ioc
 
     n = args.cached_names
     service.kill(0)
@@ -449,7 +450,8 @@ def new_ioc_latency(lab: Lab, args: argparse.Namespace, iocs: Sequence[BenchIOC]
     write to the first value, with the name server answering waiting clients, and with
     that off (--park-ttl tiny: the clients' own search backoff decides)."""
     from benchmarks import bench_discovery as bd
-    from ioc_operator.render import parse_ioc, render_all
+    from ioc_operator.allocation.plan import render_all
+    from ioc_operator.model.validation import parse_ioc
     from ioc_testbed.lab.running_client import read_events, start_watch
 
     base = table_entries_of(service)

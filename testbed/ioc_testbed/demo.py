@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from ioc_operator import GROUP, VERSION
-from ioc_operator.kube import Kube, KubeError
+from ioc_operator.controller.kube import Kube, KubeError
 
 IOC_API = f"{GROUP}/{VERSION}"
 NAMESPACE = "epics-demo"
@@ -128,7 +128,7 @@ class Demo:
         return self.kube
 
     def install_crd(self, kube: Kube) -> None:
-        from ioc_operator.crd import crd
+        from ioc_operator.model.crd import crd
 
         say("installing the IOC CustomResourceDefinition")
         body = crd()
@@ -185,7 +185,8 @@ class Demo:
 
     # --- the lab --------------------------------------------------------------
     def run_lab(self, kube: Kube, iocs: list[dict[str, Any]], lab: Any) -> list[Row]:
-        from ioc_operator.render import Rendered, parse_ioc
+        from ioc_operator.allocation.plan import Rendered
+        from ioc_operator.model.validation import parse_ioc
         from ioc_operator.render.ports import ResolvedPorts
 
         from .lab.clients import ClientCall, run_clients

@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 
-from ioc_operator.clientenv import NameService, name_service_env
-from ioc_operator.render import Rendered, parse_ioc, render_all
+from ioc_operator.allocation.plan import Rendered, render_all
+from ioc_operator.discovery.clientenv import NameService, name_service_env
+from ioc_operator.model.validation import parse_ioc
 from ioc_testbed.lab import Lab, Pod, run_client
 from ioc_testbed.lab.nameservice import LabNameService, entry_for
 from ioc_testbed.lab.runner import LabRunner, RunningIOC

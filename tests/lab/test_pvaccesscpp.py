@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from ioc_operator.directory import directory_env
-from ioc_operator.render import Rendered, parse_ioc, render_all
+from ioc_operator.allocation.plan import Rendered, render_all
+from ioc_operator.discovery.directory import directory_env
+from ioc_operator.model.validation import parse_ioc
 from ioc_testbed.lab import Lab, Pod, run_client
 from ioc_testbed.lab.runner import LabRunner, RunningIOC
 from ioc_testbed.lab.running_client import run_once

@@ -24,8 +24,8 @@ from typing import Any
 
 import yaml
 
-from ioc_operator import clientenv
-from ioc_operator.render import Rendered
+from ioc_operator.allocation.plan import Rendered
+from ioc_operator.discovery import clientenv
 
 from .netns import Lab, LabError, Pod, listening_ports
 from .runner import RunningIOC

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ioc_operator.clientenv import for_ioc
-from ioc_operator.models import IOC, CAImplementation, PVAImplementation
-from ioc_operator.render import Rendered
+from ioc_operator.allocation.plan import Rendered
+from ioc_operator.discovery.clientenv import for_ioc
+from ioc_operator.model.ioc import IOC, CAImplementation, PVAImplementation
 
 from .netns import Lab, LabError, Node, Pod, listening_ports
 from .servers import EpicsServer, start_server
