@@ -111,16 +111,17 @@ class Operator:
         return [h for h in list(index.get(namespace, [])) if h.uid not in self.state.gone]
 
     def _write_status(self, body: dict[str, Any], status: dict[str, Any],
-                      conds: list[Cond]) -> None:
+                      conds: list[Cond], read: bool = False) -> None:
         """Merge `conds` into the IOC's conditions and write, if anything changed; post
         one event for the changes. Callers hold the IOC's lock, so the reconcile and the
         probe, which own different conditions, never drop each other's. The current
-        status is the one this process last wrote, else the body's: no GET."""
+        status is the one this process last wrote, else the body's: no GET, unless
+        `read` (the body is only a name: the probe's writer)."""
         meta = body["metadata"]
         memory = self.state.ioc(meta["uid"])
         old = memory.status
         if old is None:
-            if "status" not in body:  # the probe's writer knows no status: read it
+            if read:
                 fresh = self.kube.get(IOC_API, "IOC", meta["namespace"], meta["name"])
                 if fresh is None or fresh["metadata"]["uid"] != meta["uid"]:
                     return  # deleted meanwhile
@@ -348,7 +349,7 @@ class Operator:
         body = {"metadata": {"namespace": target.namespace, "name": target.name,
                              "uid": target.uid, "generation": target.generation}}
         with self.runner.locks.hold(target.uid):
-            self._write_status(body, status, [cond])
+            self._write_status(body, status, [cond], read=True)
 
     async def stop(self) -> None:
         await self.prober.stop()
