@@ -13,12 +13,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import resource
 from .lab.netns import Lab, LabError, Pod, listening_ports
 
 __all__ = [
-    "CAPROTO_IOC",
     "IOC_CA_PORT",
-    "PCASPY_IOC",
     "PROBE",
     "ca_env",
     "probe",
@@ -37,116 +36,7 @@ IOC_CA_PORT = 15064  # sidecar mode: the IOC's CA server moved to loopback
 # for N seconds, then stop by itself: a CA put to a saturated IOC can wait for seconds).
 # The caproto IOC has no such writer: caproto's server drops almost everything written
 # in a tight loop (measured: 363 of ~87,000 updates reached a libca client in 4 s).
-CAPROTO_IOC = '''\
-"""caproto IOC for the bridge tests (CA only, bound by EPICS_CAS_INTF_ADDR_LIST)."""
-import sys
 
-from caproto import AlarmSeverity, AlarmStatus, ChannelType
-from caproto.server import PVGroup, pvproperty, run
-
-
-class BridgeIOC(PVGroup):
-    temperature = pvproperty(
-        value=1.5, dtype=float, precision=3, units="mm",
-        lower_disp_limit=-20.0, upper_disp_limit=20.0,
-        lower_ctrl_limit=-10.0, upper_ctrl_limit=10.0,
-        lower_alarm_limit=-9.0, lower_warning_limit=-5.0,
-        upper_warning_limit=5.0, upper_alarm_limit=9.0)
-    count = pvproperty(value=7, dtype=int, units="counts",
-                       lower_disp_limit=0, upper_disp_limit=100,
-                       lower_ctrl_limit=0, upper_ctrl_limit=100)
-    label = pvproperty(value="hello", dtype=ChannelType.STRING)
-    mode = pvproperty(value="Off", dtype=ChannelType.ENUM, enum_strings=["Off", "On", "Auto"])
-    wave = pvproperty(value=[float(i) for i in range(8)], dtype=float, max_length=8,
-                      units="V", precision=2)
-    short = pvproperty(value=-3, dtype=ChannelType.INT, units="steps")
-    single = pvproperty(value=0.25, dtype=ChannelType.FLOAT, precision=2, units="A")
-    chars = pvproperty(value=b"abc", dtype=ChannelType.CHAR, max_length=16)
-    counter = pvproperty(value=0, dtype=int, read_only=True)
-    # Its own alarm group: caproto shares one alarm per group and every write (the
-    # counter's) re-evaluates it.
-    alarm = pvproperty(value=12.0, dtype=float, alarm_group="alarmed")
-
-    @counter.scan(period=0.1)
-    async def counter(self, instance, async_lib):
-        await instance.write(instance.value + 1)
-
-    @alarm.startup
-    async def alarm(self, instance, async_lib):
-        await instance.alarm.write(status=AlarmStatus.HIHI,
-                                   severity=AlarmSeverity.MAJOR_ALARM)
-
-
-if __name__ == "__main__":
-    ioc = BridgeIOC(prefix=sys.argv[1])
-    print("caproto IOC serving", sorted(ioc.pvdb), flush=True)
-    run(ioc.pvdb)
-'''
-
-PCASPY_IOC = '''\
-"""pcaspy (CAS) IOC for the bridge tests (CA only, bound by EPICS_CAS_INTF_ADDR_LIST)."""
-import sys
-import time
-
-from pcaspy import Alarm, Driver, Severity, SimpleServer
-
-PVDB = {
-    "temperature": {"type": "float", "prec": 3, "unit": "mm", "value": 1.5,
-                    "lolim": -20.0, "hilim": 20.0, "lolo": -9.0, "low": -5.0,
-                    "high": 5.0, "hihi": 9.0},
-    "count": {"type": "int", "unit": "counts", "value": 7, "lolim": 0, "hilim": 100},
-    "label": {"type": "string", "value": "hello"},
-    "mode": {"type": "enum", "enums": ["Off", "On", "Auto"], "value": 0},
-    "wave": {"type": "float", "count": 8, "prec": 2, "unit": "V",
-             "value": [float(i) for i in range(8)]},
-    "counter": {"type": "int", "value": 0},
-    "alarm": {"type": "float", "value": 12.0},
-    "fast": {"type": "int", "value": 0},
-    "go": {"type": "int", "value": 0},
-}
-READ_ONLY = {"counter", "fast"}
-
-
-class BridgeDriver(Driver):
-    def write(self, reason, value):
-        if reason in READ_ONLY:
-            return False
-        self.setParam(reason, value)
-        self.updatePVs()
-        return True
-
-
-if __name__ == "__main__":
-    server = SimpleServer()
-    server.createPV(sys.argv[1], PVDB)
-    driver = BridgeDriver()
-    for reason in PVDB:  # pcas starts every PV in UDF/INVALID until it is written
-        driver.setParamStatus(reason, Alarm.NO_ALARM, Severity.NO_ALARM)
-    driver.setParamStatus("alarm", Alarm.HIHI_ALARM, Severity.MAJOR_ALARM)
-    driver.updatePVs()
-    print("pcaspy IOC running", flush=True)
-    count, n, next_tick, stop_at = 0, 0, time.monotonic(), None
-    while True:
-        if driver.getParam("go") > 0 and stop_at is None:
-            stop_at = time.monotonic() + driver.getParam("go")
-        if stop_at is not None:
-            for _ in range(16):
-                n += 1
-                driver.setParam("fast", n)
-                driver.updatePVs()
-            server.process(0)  # let CAS send and serve clients
-            if time.monotonic() >= stop_at:
-                stop_at = None
-                driver.setParam("go", 0)
-                driver.updatePVs()
-        else:
-            server.process(0.02)
-        if time.monotonic() >= next_tick:
-            next_tick += 0.1
-            count += 1
-            driver.setParam("counter", count)
-            driver.updatePVs()
-'''
 
 # The probe runs in a client pod: a list of operations in, one JSON line out. p4p reads
 # EPICS_PVA_* from its environment only.
@@ -290,8 +180,7 @@ def _wait_listening(popen: subprocess.Popen[Any], tcp: int, what: str,
 def start_ioc(lab: Lab, pod: Pod, kind: str, prefix: str,
               port: int = IOC_CA_PORT) -> subprocess.Popen[bytes]:
     """A CA-only IOC (``caproto`` or ``pcaspy``) bound to 127.0.0.1:``port`` in ``pod``."""
-    text = {"caproto": CAPROTO_IOC, "pcaspy": PCASPY_IOC}[kind]
-    script = _script(lab, f"bridge_{kind}_ioc.py", text)
+    script = resource("iocs") / f"bridge_{kind}_ioc.py"
     popen = lab.spawn(pod, [sys.executable, str(script), prefix], ca_env(port),
                       stdin=subprocess.DEVNULL,
                       log=lab.tmpdir / f"{kind}-ioc-{pod.name}-{len(lab.processes)}.log")

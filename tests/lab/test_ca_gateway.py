@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from ioc_testbed import resource
 from ioc_testbed.lab import EpicsServer, Lab, LabError, Pod, run_client, start_server
 from ioc_testbed.lab.netns import listening_ports
 
@@ -102,82 +103,7 @@ record(calc, "$(P)counter") {
 }
 """
 
-CAPROTO_IOC = '''\
-"""caproto IOC with the same PVs as the rsrv database."""
-import sys
 
-from caproto import AlarmSeverity, AlarmStatus, ChannelType
-from caproto.server import PVGroup, pvproperty, run
-
-
-class GatewayTestIOC(PVGroup):
-    # its own alarm group: the group's shared default alarm follows the counter's writes
-    ai = pvproperty(value=9.5, precision=2, units="mA", read_only=True, alarm_group="ai",
-                    upper_disp_limit=10.0, lower_disp_limit=-10.0, upper_alarm_limit=9.0)
-    ao = pvproperty(value=1.5, precision=3, units="V", upper_disp_limit=100.0,
-                    lower_disp_limit=-100.0, upper_ctrl_limit=50.0, lower_ctrl_limit=-50.0)
-    bo = pvproperty(value="On", dtype=ChannelType.ENUM, enum_strings=["Off", "On"])
-    mbbo = pvproperty(value="Auto", dtype=ChannelType.ENUM, enum_strings=["Off", "On", "Auto"])
-    wave = pvproperty(value=[float(i) for i in range(16)], max_length=16)
-    big = pvproperty(value=[0.0] * 20000, max_length=20000)
-    text = pvproperty(name="str", value="hello gateway", dtype=ChannelType.STRING)
-    counter = pvproperty(value=0, read_only=True)
-
-    @ai.startup
-    async def ai(self, instance, async_lib):
-        await instance.alarm.write(status=AlarmStatus.HIHI, severity=AlarmSeverity.MAJOR_ALARM)
-
-    @counter.scan(period=0.1)
-    async def counter(self, instance, async_lib):
-        await instance.write(instance.value + 1)
-
-
-if __name__ == "__main__":
-    run(GatewayTestIOC(prefix=sys.argv[1]).pvdb)
-'''
-
-PCASPY_IOC = '''\
-"""pcaspy (CAS) server with the same PVs as the rsrv database."""
-import sys
-import time
-
-from pcaspy import Alarm, Driver, Severity, SimpleServer
-
-PVDB = {
-    "ai": {"type": "float", "prec": 2, "unit": "mA", "lolim": -10, "hilim": 10, "value": 9.5},
-    "ao": {"type": "float", "prec": 3, "unit": "V", "lolim": -100, "hilim": 100, "value": 1.5},
-    "bo": {"type": "enum", "enums": ["Off", "On"], "value": 1},
-    "mbbo": {"type": "enum", "enums": ["Off", "On", "Auto"], "value": 2},
-    "wave": {"type": "float", "count": 16, "value": [float(i) for i in range(16)]},
-    "big": {"type": "float", "count": 20000},
-    "str": {"type": "string", "value": "hello gateway"},
-    "counter": {"type": "int", "value": 0},
-}
-
-
-class GatewayTestDriver(Driver):
-    def write(self, reason, value):
-        if reason in ("ai", "counter"):
-            return False
-        self.setParam(reason, value)
-        self.updatePVs()
-        return True
-
-
-server = SimpleServer()
-server.createPV(sys.argv[1], PVDB)
-driver = GatewayTestDriver()
-driver.setParamStatus("ai", Alarm.HIHI_ALARM, Severity.MAJOR_ALARM)
-driver.updatePVs()
-count, tick = 0, time.monotonic()
-while True:
-    server.process(0.01)
-    if time.monotonic() >= tick:
-        tick += 0.1
-        count += 1
-        driver.setParam("counter", count)
-        driver.updatePVs()
-'''
 
 CLIENT = r'''
 """Gateway checks from a client pod; prints JSON. argv: mode lib prefix [timeout]."""
@@ -488,9 +414,7 @@ def start_ioc(lab: Lab, pod: Pod, kind: str, prefix: str) -> EpicsServer:
         argv = [sys.executable, "-m", "epicscorelibs.ioc", "-m", f"P={prefix}", "-d", str(db)]
         lab_kind, protocols, stdin = "softioc-classic", ("ca", "pva"), subprocess.PIPE
     else:
-        script = workdir / f"{kind}_ioc.py"
-        script.write_text(CAPROTO_IOC if kind == "caproto" else PCASPY_IOC)
-        argv = [sys.executable, str(script), prefix]
+        argv = [sys.executable, str(resource("iocs") / f"gateway_{kind}_ioc.py"), prefix]
         lab_kind, protocols, stdin = kind, ("ca",), subprocess.DEVNULL
     popen = lab.spawn(pod, argv, IOC_ENV, stdin=stdin, log=lab.tmpdir / f"ioc-{pod.name}.log")
     return EpicsServer(lab=lab, kind=lab_kind, prefix=prefix, ns=pod.ns, env=IOC_ENV,
