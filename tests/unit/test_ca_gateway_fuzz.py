@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import struct
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -106,8 +107,9 @@ class FakeIoc:
     caproto (as a server would: every message must be valid CA), and caproto's message
     classes write the answers. Serves PVS."""
 
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: Gateway, silent: bool = False) -> None:
         self.gw = gw
+        self.silent = silent  # no NOT_FOUND for names it lacks (not every server sends one)
         self.transport = Transport(peer=IOC)
         self.circuit = up.UpstreamCircuit(gw.upstream, IOC)
         gw.upstream.circuits[IOC] = self.circuit
@@ -129,6 +131,8 @@ class FakeIoc:
                     self.searched.append(message.name)
                     if message.name in PVS:
                         replies.append(ca.SearchResponse(IOC[1], None, message.cid, 13))
+                    elif message.reply == ca.DO_REPLY and not self.silent:
+                        replies.append(ca.NotFoundResponse(13, message.cid))
             if replies:
                 self.gw.upstream.search_reply(
                     b"".join(map(bytes, [ca.VersionResponse(13), *replies])), IOC)
@@ -202,7 +206,8 @@ class Client:
 
 
 class Harness:
-    def __init__(self, loop: asyncio.AbstractEventLoop, **config: Any) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, silent_ioc: bool = False,
+                 **config: Any) -> None:
         self.loop = loop
         cfg = GatewayConfig(upstream=[IOC], pvlist=parse_pvlist(PVLIST), **config)
         self.gw = Gateway(cfg, loop)
@@ -213,7 +218,7 @@ class Harness:
             raise AssertionError(f"the gateway tried to connect to {circuit.address}")
 
         self.gw.upstream._open = no_network  # type: ignore[method-assign]
-        self.ioc = FakeIoc(self.gw)
+        self.ioc = FakeIoc(self.gw, silent_ioc)
         self.udp = down.SearchServer(self.gw, 5064)
         self.udp_transport = Transport()
         self.udp.connection_made(self.udp_transport)
@@ -225,6 +230,14 @@ class Harness:
             self.ioc.answer_searches()
             self.ioc.serve()
             self.gw.flusher.flush()
+
+    def drain(self, timeout: float = 10.0) -> None:
+        """Settle until no lookup is left (searches upstream go out paced)."""
+        deadline = time.monotonic() + timeout
+        while self.gw.upstream.unresolved and time.monotonic() < deadline:
+            self.settle(1)
+            self.loop.run_until_complete(asyncio.sleep(0.01))
+        self.settle()
 
     def client(self, **kw: Any) -> Client:
         client = Client(self.gw, **kw)
@@ -463,33 +476,71 @@ def test_a_utf8_name_reaches_the_ioc_byte_for_byte(loop):
 
 
 def test_a_100000_name_search_over_tcp_and_udp(loop):
-    """At most -max_lookups new names are looked up at once; the rest of a storm is
-    ignored (clients search again). Names in use are answered throughout, and new ones
-    again once the storm's lookups have timed out."""
-    h = Harness(loop, max_lookups=5000, connect_timeout=8.0)
+    """At most -max_lookups new names are looked up at once, a client address at most
+    LOOKUP_BURST at once and LOOKUP_RATE a second; the rest of a storm is ignored
+    (clients search again). Names in use are answered throughout, and new ones as soon
+    as the IOC has said NOT_FOUND to the storm's."""
+    h = Harness(loop, max_lookups=5000)
     client = h.client()
     h.channel(client, "GW:ai")
     client.send(b"".join(search(f"GW:flood{i}", i) for i in range(100_000)))
-    h.settle()
     h.check()
     assert len(h.gw.upstream.unresolved) == 5000
-    assert h.gw.stats["lookups_refused"] == 95_000
-    datagrams = [b"".join(search(f"GW:uflood{i}", i) for i in range(j, j + 40))
-                 for j in range(0, 100_000, 40)]
-    for datagram in datagrams:
-        h.udp.datagram_received(datagram, (CLIENT_HOST, 40001))
-    h.settle()
+    refused, throttled = h.gw.stats["lookups_refused"], h.gw.stats["lookups_throttled"]
+    assert refused + throttled == 95_000 and refused > 0
+    assert throttled >= 80_000 - 20_000 - 5_000 * 10  # past LOOKUP_BURST, at LOOKUP_RATE
+    h.drain()
+    assert not h.gw.upstream.unresolved and len(h.gw.upstream.dead) == 5000
+    for j in range(0, 100_000, 40):  # from other addresses (each its own budget)
+        h.udp.datagram_received(b"".join(search(f"GW:uflood{i}", i) for i in range(j, j + 40)),
+                                (f"198.18.18.{j % 250}", 40001))
     h.check()
-    assert h.gw.stats["lookups_refused"] == 195_000
+    assert len(h.gw.upstream.unresolved) == 5000
     client.send(search("GW:ai", 1) + search("GW:str", 2))
-    h.settle()
     assert [m.cid for m in client.read() if isinstance(m, ca.SearchResponse)] == [1]
-    loop.run_until_complete(asyncio.sleep(8.1))  # the storm's lookups give up
+    h.drain()  # the IOC says NOT_FOUND to the storm: room for new names again
     assert not h.gw.upstream.unresolved
     client.send(search("GW:str", 3))
     h.settle()
     assert [m.cid for m in client.read() if isinstance(m, ca.SearchResponse)] == [3]
     h.check()
+
+
+def test_a_name_the_ioc_lacks_costs_one_search(loop):
+    """Before: searches upstream asked for no reply, so a name the IOC lacks was
+    searched five times over connect_timeout (1 s) and held a lookup all that time: a
+    storm of unknown names kept thousands in flight and flooded the IOC five-fold.
+    Now the IOC's NOT_FOUND ends the lookup; a server that sends none still times out."""
+    h = Harness(loop)
+    client = h.client()
+    client.send(search("GW:nosuch", 1))
+    h.settle()
+    assert h.ioc.searched == ["GW:nosuch"] and not h.gw.upstream.unresolved
+    assert [m.cid for m in client.read() if isinstance(m, ca.NotFoundResponse)] == [1]
+    silent = Harness(loop, silent_ioc=True, connect_timeout=0.3)
+    other = silent.client()
+    other.send(search("GW:nosuch", 1))
+    silent.settle()
+    assert silent.gw.upstream.unresolved  # still looking
+    loop.run_until_complete(asyncio.sleep(0.5))
+    silent.settle()
+    assert not silent.gw.upstream.unresolved
+    assert [m.cid for m in other.read() if isinstance(m, ca.NotFoundResponse)] == [1]
+    assert len(silent.ioc.searched) >= 3  # retried meanwhile
+
+
+def test_a_flood_of_datagrams_from_one_address_is_dropped_unread(loop):
+    h = Harness(loop)
+    source = (CLIENT_HOST, 40001)
+    for i in range(5000):
+        h.udp.datagram_received(search(f"GW:d{i}", i), source)
+    assert 3500 <= h.gw.stats["datagrams_dropped"] <= 4000  # DATAGRAM_BURST, then RATE
+    h.udp.datagram_received(search("GW:ai", 9), ("198.18.17.3", 40001))  # someone else
+    h.settle()
+    answered = [m.cid for d, a in h.udp_transport.datagrams if a[0] == "198.18.17.3"
+                for m in read_datagram(bytearray(d), a, ca.SERVER)
+                if isinstance(m, ca.SearchResponse)]
+    assert answered == [9]
 
 
 def test_a_create_channel_flood_for_a_name_being_looked_up_is_bounded(loop):

@@ -320,7 +320,7 @@ class DownCircuit(asyncio.Protocol):
             answer(None)
         elif not self.gw.pvlist.allowed(name):
             answer(None)
-        else:
+        elif self.gw.may_look_up(name, self.host):
             self.gw.upstream.lookup(name, answer, key=(self, cid), patient=True)
 
     # ------------------------------------------------------------ channels
@@ -357,7 +357,8 @@ class DownCircuit(asyncio.Protocol):
             self.queue(w.pack(w.CREATE_CHAN, upstream.native_type, upstream.native_count,
                               cid, chan.sid))
 
-        if not self.gw.upstream.lookup(name, created, key=(self, "create", cid)):
+        if not self.gw.may_look_up(name, self.host) \
+                or not self.gw.upstream.lookup(name, created, key=(self, "create", cid)):
             self.queue(w.caproto_bytes(ca.CreateChFailResponse(cid)))
 
     def _clear(self, sid: int, cid: int) -> None:
@@ -425,6 +426,14 @@ class DownCircuit(asyncio.Protocol):
                payload: bytes) -> None:
         chan = self._channel(command, data_type, count, sid, ioid, len(payload))
         if chan is None:
+            return
+        if len(payload) < w.dbr_size(data_type, count):
+            # A short payload would reach the IOC as a malformed message, and an IOC
+            # may close the circuit it came on: every client's channels (caproto does).
+            self.gw.count("bad_messages")
+            header = w.request_header(command, data_type, count, sid, ioid, len(payload))
+            self.queue(w.error_message(header, chan.cid, w.ECA_BADCOUNT,
+                                       "payload shorter than its type and count need"))
             return
         if not chan.access & w.ACCESS_WRITE:
             self.gw.count("puts_refused")
@@ -513,6 +522,13 @@ class SearchServer(asyncio.DatagramProtocol):
         log.debug("search socket: %s", exc)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if not self.gw.datagram_budget.take(addr[0]):
+            # A flood: dropped before any parsing, so the socket's backlog drains and
+            # other clients' searches do not wait behind it.
+            self.gw.count("datagrams_dropped")
+            rlog.warning(("flood", addr[0]), "search datagrams from %s dropped: more than "
+                         "%d per second", addr[0], self.gw.datagram_budget.rate)
+            return
         sequence = 0
         replies: list[bytes] = []
         for command, _type, count, p1, _p2, payload in w.iter_datagram(data):
@@ -536,6 +552,8 @@ class SearchServer(asyncio.DatagramProtocol):
             return
         if self.gw.upstream.known(name) is not None:  # cached: answer in this datagram
             replies.append(w.search_reply_udp(self.port, cid))
+            return
+        if not self.gw.may_look_up(name, addr[0]):
             return
 
         def answer(chan: UpstreamChannel | None) -> None:

@@ -31,13 +31,20 @@ from .ca_pvlist import PVList, PVListError, load_pvlist
 from .ca_upstream import Flusher, Upstream
 from .ca_wire import ACCESS_READ, ACCESS_WRITE
 from .ca_wire import MAX_PAYLOAD as MAX_UPSTREAM_MESSAGE
-from .limits import CircuitLimit
+from .limits import Buckets, CircuitLimit
+from .ratelog import RateLimitedLog
 
 __all__ = ["Gateway", "GatewayConfig", "main", "parse_args", "serve"]
 
 log = logging.getLogger("ioc_ca_gateway")
+rlog = RateLimitedLog(log)
 
 DEFAULT_PORT = 5064
+# Per client address: search datagrams taken (more are dropped unread) and names it may
+# have looked up on the IOC (cached names are answered whatever the rate). libca sends
+# a few hundred datagrams to connect 10,000 channels.
+DATAGRAM_RATE, DATAGRAM_BURST = 200, 1_000
+LOOKUP_RATE, LOOKUP_BURST = 5_000, 20_000
 
 
 @dataclass
@@ -79,6 +86,8 @@ class Gateway:
         self.upstream.on_uncongested = self._uncongested
         self.circuits: set[DownCircuit] = set()
         self.limit = CircuitLimit(config.max_circuits, "-max_circuits")
+        self.datagram_budget = Buckets(DATAGRAM_RATE, DATAGRAM_BURST)
+        self.lookup_budget = Buckets(LOOKUP_RATE, LOOKUP_BURST)
         self.channels = 0  # client channels, all circuits
         self.subscriptions = 0  # client subscriptions, all circuits
         self.buffered = 0  # bytes of unfinished client requests, all circuits
@@ -98,6 +107,15 @@ class Gateway:
         if not refusal:
             self.circuits.add(circuit)
         return refusal
+
+    def may_look_up(self, name: str, host: str) -> bool:
+        """Whether ``host`` may have ``name`` looked up now (a name not cached)."""
+        if self.upstream.known(name) is not None or self.lookup_budget.take(host):
+            return True
+        self.count("lookups_throttled")
+        rlog.warning(("throttled", host), "%s asks for more than %d new names per second; "
+                     "ignoring %r", host, LOOKUP_RATE, name[:80])
+        return False
 
     def release(self, circuit: DownCircuit) -> None:
         self.circuits.discard(circuit)

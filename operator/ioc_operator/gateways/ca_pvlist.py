@@ -38,12 +38,17 @@ class PVList:
     ignored: tuple[str, ...] = field(default=(), compare=False)  # warnings for the log
 
     def allowed(self, name: str) -> bool:
+        if self is _EVERYTHING or self == _EVERYTHING:  # no -pvlist: no regex per name
+            return True
         return _decide(self, name)
 
     def _decide_uncached(self, name: str) -> bool:
         if self.allow_first and any(p.fullmatch(name) for p in self.deny):
             return False
         return any(p.fullmatch(name) for p in self.allow)
+
+
+_EVERYTHING = PVList()
 
 
 @lru_cache(maxsize=65536)

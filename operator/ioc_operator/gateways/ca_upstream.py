@@ -133,7 +133,9 @@ class UpstreamChannel:
         "native_type",
         "next_action",
         "next_search",
+        "persistent",
         "phase_deadline",
+        "refused_by",
         "retry",
         "search_message",
         "sid",
@@ -165,7 +167,12 @@ class UpstreamChannel:
         self.give_up_at = give_up_at
         self.waiter_due = math.inf
         self.next_action = 0.0
-        self.search_message = w.caproto_bytes(ca.SearchRequest(name, cid, w.CA_MINOR_VERSION))
+        # DO_REPLY: an IOC without the name says so at once (rsrv, caproto and pcas do),
+        # so a lookup of a name it lacks takes one round trip, not connect_timeout of
+        # retries (a storm of unknown names cost the IOC five searches each).
+        self.search_message = w.search_request(name, cid, w.DO_REPLY)
+        self.refused_by: set[tuple[str, int]] = set()  # upstream servers that said no
+        self.persistent = False  # looked for again after its IOC went: NOT_FOUND waits
 
     def __repr__(self) -> str:
         return f"<UpstreamChannel {self.name} {self.state.value}>"
@@ -668,6 +675,9 @@ class Upstream:
                          "upstream address", *addr[:2])
             return
         for command, port, _count, ip, cid, _payload in w.iter_datagram(data):
+            if command == w.NOT_FOUND:
+                self._not_found(cid, addr)
+                continue
             if command != w.SEARCH:
                 continue
             chan = self.unresolved.get(cid)
@@ -676,6 +686,17 @@ class Upstream:
             host = addr[0] if ip == w.ANY_ADDRESS else socket.inet_ntoa(struct.pack(">I", ip))
             self._connect(chan, (host, port))
         self.flusher.flush()
+
+    def _not_found(self, cid: int, addr: tuple[str, int]) -> None:
+        """An upstream server does not have the name: the lookup fails once every
+        configured server has said so (one, in sidecar mode)."""
+        chan = self.unresolved.get(cid)
+        if chan is None or chan.state is not State.SEARCHING or chan.persistent:
+            return
+        chan.refused_by.add((addr[0], addr[1]))
+        if len(chan.refused_by) >= len(self.addresses):
+            log.debug("%s: not on the IOC", chan.name)
+            self._fail(chan, negative=True)
 
     def _connect(self, chan: UpstreamChannel, address: tuple[str, int]) -> None:
         chan.state = State.CONNECTING
@@ -731,7 +752,8 @@ class Upstream:
         for user in users:
             user.circuit.channel_lost(user)
         if users and self.disconnect_timeout > 0 and chan.name not in self.channels:
-            self._start(chan.name, time.monotonic() + self.disconnect_timeout)
+            # (a restarting IOC may answer NOT_FOUND before its records are loaded)
+            self._start(chan.name, time.monotonic() + self.disconnect_timeout).persistent = True
 
     def _fail(self, chan: UpstreamChannel, *, negative: bool) -> None:
         chan.state = State.CLOSED

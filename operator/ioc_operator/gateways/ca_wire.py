@@ -10,10 +10,12 @@ caproto, so there is one definition of the protocol.
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from collections.abc import Callable
 
 import caproto as ca
+from caproto import _dbr as dbr
 
 HEADER = struct.Struct(">HHHHII")
 LARGE_SIZES = struct.Struct(">II")
@@ -44,6 +46,23 @@ ECA_DISCONN = _eca("ECA_DISCONN")
 ECA_BADTYPE = _eca("ECA_BADTYPE")
 ECA_ALLOCMEM = _eca("ECA_ALLOCMEM")
 DBR_TYPES = frozenset(int(t) for t in ca.ChannelType)  # every type a request may ask for
+ECA_BADCOUNT = _eca("ECA_BADCOUNT")
+
+
+def _layout(data_type: int) -> tuple[int, int]:
+    """(bytes of metadata, bytes per element) of a DBR type, from caproto's structures."""
+    native = int(dbr.native_type(data_type))
+    element = ctypes.sizeof(dbr.DBR_TYPES[native])
+    return (ctypes.sizeof(dbr.DBR_TYPES[data_type]) if native != data_type else 0), element
+
+
+_LAYOUT = {t: _layout(t) for t in DBR_TYPES}
+
+
+def dbr_size(data_type: int, count: int) -> int:
+    """Bytes a value of this DBR type and element count takes (without padding)."""
+    metadata, element = _LAYOUT[data_type]
+    return metadata + element * count
 
 # Command ids, from caproto's message classes.
 VERSION = ca.VersionRequest.ID
@@ -204,6 +223,16 @@ def search_reply_tcp(port: int, cid: int) -> bytes:
     """TCP (name server) search reply as rsrv's search_reply_tcp sends it: no payload;
     libca then creates the channel on this very circuit."""
     return pack(SEARCH, port, 0, ANY_ADDRESS, cid)
+
+
+def search_request(name: str, cid: int, reply: int = ca.NO_REPLY) -> bytes:
+    """A SEARCH for ``name`` (a name pv_name or name_ok accepted), laid out as caproto's
+    SearchRequest lays it out: NUL-padded to a multiple of 8, the reply flag in the type
+    field, our minor version in the count, the cid in both parameters. Made here because
+    caproto's class validates every field again, which made it the most expensive part
+    of a lookup (measured: a search storm spent 40 % of the gateway's time there)."""
+    raw = name.encode()
+    return pack(SEARCH, reply, CA_MINOR_VERSION, cid, cid, raw + b"\0" * (8 - len(raw) % 8))
 
 
 def not_found(reply_flag: int, version: int, cid: int) -> bytes:

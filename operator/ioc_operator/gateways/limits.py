@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import logging
 import resource
-from collections import Counter
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable
 
-__all__ = ["CircuitLimit", "descriptors"]
+__all__ = ["Buckets", "CircuitLimit", "descriptors"]
 
 log = logging.getLogger("ioc_operator.limits")
 
@@ -60,3 +62,32 @@ class CircuitLimit:
         self.hosts[host] -= 1
         if self.hosts[host] <= 0:
             del self.hosts[host]
+
+
+class Buckets:
+    """A token bucket per client (address), for requests that are cheap to refuse but
+    dear to serve; the least recently seen clients are forgotten past ``max_keys``."""
+
+    def __init__(self, rate: float, burst: float, max_keys: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_keys = max_keys
+        self.clock = clock
+        self._buckets: OrderedDict[Hashable, list[float]] = OrderedDict()
+
+    def take(self, key: Hashable, n: float = 1.0) -> bool:
+        now = self.clock()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = [self.burst, now]
+            if len(self._buckets) > self.max_keys:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+            bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+            bucket[1] = now
+        if bucket[0] < n:
+            return False
+        bucket[0] -= n
+        return True

@@ -161,9 +161,7 @@ def pack_datagrams(sequence: int, messages: list[bytes],
 def search_request(name: str, cid: int) -> bytes:
     """A search the name server sends to an IOC. DO_REPLY: the IOC says NOT_FOUND at
     once instead of leaving us to time out (rsrv, pcas and caproto servers do)."""
-    raw = name.encode("ascii")
-    payload = raw + b"\0" * (8 - len(raw) % 8)
-    return w.pack(w.SEARCH, DO_REPLY, w.CA_MINOR_VERSION, cid, cid, payload)
+    return w.search_request(name, cid, DO_REPLY)
 
 
 def confirmation_datagrams(sequence: int, requests: list[bytes]) -> list[bytes]:
