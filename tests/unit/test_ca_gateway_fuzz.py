@@ -747,3 +747,21 @@ def test_the_read_only_gateway_and_the_pvlist_under_a_flood(loop):
     h.check()  # asserts that no write reached the IOC
     assert "SECRET:key" not in h.ioc.searched
     assert h.gw.stats["puts_refused"] == 20 * 200
+
+
+def test_a_put_shorter_than_its_type_needs_is_refused_not_relayed(loop):
+    """Found by the grammar: a WRITE of DBR_GR_SHORT with 16 bytes of payload (its
+    metadata alone takes 24) was relayed, and caproto, as the IOC, could not parse it
+    (a caproto IOC closes the circuit then: every client's channels with it). A string
+    sent the way libca sends it (cut after its NUL) is still relayed."""
+    h = Harness(loop)
+    client = h.client()
+    sid = h.channel(client, "GW:str")
+    client.send(message(w.WRITE_NOTIFY, 22, 1, sid, 1, b"\0" * 16)
+                + message(w.WRITE_NOTIFY, 0, 1, sid, 2, b"via libca\0" + b"\0" * 6))
+    h.settle()
+    replies = client.read()
+    assert [m.status.code_with_severity for m in replies
+            if isinstance(m, ca.ErrorResponse)] == [w.ECA_BADCOUNT]
+    (put,) = [m for m in h.ioc.received if isinstance(m, ca.WriteNotifyRequest)]
+    assert put.data_type == ca.ChannelType.STRING and put.data == [b"via libca"]

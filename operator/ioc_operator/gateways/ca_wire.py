@@ -59,9 +59,16 @@ def _layout(data_type: int) -> tuple[int, int]:
 _LAYOUT = {t: _layout(t) for t in DBR_TYPES}
 
 
+_STRINGS = frozenset(t for t in DBR_TYPES if int(dbr.native_type(t)) == int(ca.ChannelType.STRING))
+
+
 def dbr_size(data_type: int, count: int) -> int:
-    """Bytes a value of this DBR type and element count takes (without padding)."""
+    """The fewest bytes a value of this DBR type and element count can be sent in: the
+    metadata and every element, except that the last of a string array may be cut after
+    its NUL (libca sends "abc" as 8 bytes, not 40)."""
     metadata, element = _LAYOUT[data_type]
+    if data_type in _STRINGS and count > 0:
+        return metadata + element * (count - 1) + 1
     return metadata + element * count
 
 # Command ids, from caproto's message classes.
