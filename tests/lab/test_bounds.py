@@ -275,24 +275,41 @@ def test_ten_thousand_subscriptions_and_a_client_that_never_reads(site: Site):
 
 
 def test_udp_search_floods(site: Site):
+    """Floods of searches for new names at the gateway, the bridge and the name server.
+    Clients already connected keep their updates throughout (a libca monitor through the
+    gateway, a p4p one through the bridge); new clients are served once it is over. On
+    this shared 2-core machine the floods take the processes' CPU too: whether a new
+    client gets in during a flood depends on that (see docs/ca-gateway.md)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     sampler = Sampler({"gateway": site.gateway, "bridge": site.bridge,
                        "name server": site.names.replicas[0].popen})
-    attacks = [site.attack(0, "udp-flood", "--host", site.pod.ip, "--pv", "B:flood",
-                           "--count", "400000", "--seconds", "15"),
-               site.attack(1, "udp-flood", "--host", site.pod.ip, "--port", "5076",
-                           "--proto", "pva", "--pv", "B:flood", "--count", "400000",
-                           "--seconds", "15"),
-               site.attack(2, "udp-flood", "--host", CLUSTER_IP, "--pv", "B:flood",
-                           "--count", "400000", "--seconds", "15")]
-    time.sleep(3)
+    with ThreadPoolExecutor(2) as pool:
+        monitors = [pool.submit(run_client, site.lab, site.client, "pyepics", "monitor",
+                                "B:counter", site.ca_env, timeout=40.0, updates=150),
+                    pool.submit(run_client, site.lab, site.client, "p4p", "monitor",
+                                "B:counter", pva_env(site.pod.ip, name_server=True),
+                                timeout=40.0, updates=150)]
+        time.sleep(3)  # connected and updating
+        attacks = [site.attack(0, "udp-flood", "--host", site.pod.ip, "--pv", "B:flood",
+                               "--count", "400000", "--seconds", "15"),
+                   site.attack(1, "udp-flood", "--host", site.pod.ip, "--port", "5076",
+                               "--proto", "pva", "--pv", "B:flood", "--count", "400000",
+                               "--seconds", "15"),
+                   site.attack(2, "udp-flood", "--host", CLUSTER_IP, "--pv", "B:flood",
+                               "--count", "400000", "--seconds", "15")]
+        results = [result_of(p) for p in attacks]
+        during = _stats(site.gateway)
+        for future in monitors:  # 150 updates at 10 Hz: through all of the floods
+            res = future.result()
+            assert res.ok and res.results[0]["updates"] >= 150, (res.lib, res.error)
     served(site)
-    results = [result_of(p) for p in attacks]
     alive(site)
     peaks = sampler.stop()
-    stats = _stats(site.gateway)
-    print(f"  floods: {results}; gateway {stats}")
-    assert stats.get("lookups_refused", 0) > 0
-    assert warnings(site.gateway, "search storm") <= 10
+    print(f"  floods: {results}; gateway {during}")
+    assert during.get("lookups_refused", 0) + during.get("lookups_throttled", 0) \
+        + during.get("datagrams_dropped", 0) > 0
+    assert warnings(site.gateway, "search storm") + warnings(site.gateway, "dropped") <= 10
     for name, (before, peak) in peaks.items():
         assert peak < before + 150, (name, before, peak)
 

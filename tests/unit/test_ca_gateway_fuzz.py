@@ -534,7 +534,7 @@ def test_a_flood_of_datagrams_from_one_address_is_dropped_unread(loop):
     source = (CLIENT_HOST, 40001)
     for i in range(5000):
         h.udp.datagram_received(search(f"GW:d{i}", i), source)
-    assert 3500 <= h.gw.stats["datagrams_dropped"] <= 4000  # DATAGRAM_BURST, then RATE
+    assert 2000 <= h.gw.stats["datagrams_dropped"] <= 3000  # DATAGRAM_BURST, then RATE
     h.udp.datagram_received(search("GW:ai", 9), ("198.18.17.3", 40001))  # someone else
     h.settle()
     answered = [m.cid for d, a in h.udp_transport.datagrams if a[0] == "198.18.17.3"

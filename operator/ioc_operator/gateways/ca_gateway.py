@@ -43,8 +43,8 @@ DEFAULT_PORT = 5064
 # Per client address: search datagrams taken (more are dropped unread) and names it may
 # have looked up on the IOC (cached names are answered whatever the rate). libca sends
 # a few hundred datagrams to connect 10,000 channels.
-DATAGRAM_RATE, DATAGRAM_BURST = 200, 1_000
-LOOKUP_RATE, LOOKUP_BURST = 5_000, 20_000
+DATAGRAM_RATE, DATAGRAM_BURST = 1_000, 2_000
+LOOKUP_RATE, LOOKUP_BURST = 1_000, 10_000
 
 
 @dataclass
@@ -65,7 +65,7 @@ class GatewayConfig:
     max_circuits: int = 1024  # client TCP circuits; one client host a quarter of them
     max_channels: int = 200_000  # client channels, all circuits together
     max_subscriptions: int = 200_000  # client subscriptions, all circuits together
-    max_lookups: int = 20_000  # names being looked up on the IOC at once
+    max_lookups: int = 5_000  # names being looked up on the IOC at once
     max_message_bytes: int = 16 * 1024 * 1024  # largest request from a client (a put)
 
 
