@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from ioc_operator.metrics import port_arg
 from ioc_operator.model.config import OperatorConfig
 from ioc_operator.model.crd import crd_yaml
 from ioc_operator.model.errors import IOCValidationError
@@ -162,17 +163,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     import kopf
 
     from ioc_operator.controller import handlers  # noqa: F401  (registers the handlers)
+    from ioc_operator.metrics import CollectorRegistry, MetricsServer
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    kopf.run(
-        standalone=True,  # one replica with a Recreate strategy: no peering needed
-        clusterwide=not args.namespace,
-        namespaces=args.namespace or (),
-        liveness_endpoint=args.liveness,
-    )
+    # The metrics endpoint opens before kopf starts (a port taken fails at once); the
+    # Operator (handlers.startup) puts its metrics in this registry.
+    registry = CollectorRegistry() if args.metrics_port else None
+    server = (MetricsServer(registry, args.metrics_port, args.metrics_address)
+              if registry is not None else None)
+    if server is not None:
+        logging.getLogger("ioc_operator").info("serving metrics on %s:%d/metrics",
+                                               args.metrics_address, server.port)
+    try:
+        kopf.run(
+            standalone=True,  # one replica with a Recreate strategy: no peering needed
+            clusterwide=not args.namespace,
+            namespaces=args.namespace or (),
+            liveness_endpoint=args.liveness,
+            memo=kopf.Memo(metrics_registry=registry),
+        )
+    finally:
+        if server is not None:
+            server.stop()
     return 0
 
 
@@ -189,6 +204,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster or $KUBECONFIG)")
     run.add_argument("--liveness", metavar="URL",
                      help="serve a liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    run.add_argument("--metrics-port", type=port_arg, default=0, metavar="PORT",
+                     help="serve Prometheus metrics on this port (docs/metrics.md); "
+                          "0, the default: none")
+    run.add_argument("--metrics-address", default="0.0.0.0", metavar="ADDR",
+                     help="address of the metrics endpoint (default 0.0.0.0)")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=cmd_run)
 

@@ -74,7 +74,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, client_envs:
     # kopf keeps an object's worker, and with it the object's last event, 5 s after the
     # event: at a cold start that is thousands of whole objects held for nothing.
     settings.queueing.idle_timeout = 0.5
-    operator = Operator(Kube(client()), OperatorConfig.from_env())
+    # The registry `ioc-operator run --metrics-port` serves (none: metrics unserved).
+    operator = Operator(Kube(client()), OperatorConfig.from_env(),
+                        registry=memo.get("metrics_registry"))
     operator.envs = client_envs
     settings.execution.executor = operator.runner.threads  # sync handlers run there
     memo.operator = operator

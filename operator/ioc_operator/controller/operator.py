@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any, cast
@@ -25,10 +26,12 @@ from ioc_operator.allocation.prefixes import PrefixHolder
 from ioc_operator.controller import bookkeeping, events, reachability, resync
 from ioc_operator.controller.conditions import Cond, merge_conditions, transitions
 from ioc_operator.controller.kube import Kube, KubeError
+from ioc_operator.controller.metrics import OperatorMetrics
 from ioc_operator.controller.publish import DirectoryPublisher
 from ioc_operator.controller.reconcile import Child, event_report, reconcile
 from ioc_operator.controller.runner import Runner
 from ioc_operator.controller.state import OperatorState
+from ioc_operator.metrics import CollectorRegistry
 from ioc_operator.model.config import OperatorConfig
 from ioc_operator.model.ioc import IOC
 
@@ -48,10 +51,14 @@ def _now() -> str:
 
 
 class Operator:
-    def __init__(self, kube: Kube, config: OperatorConfig) -> None:
+    def __init__(self, kube: Kube, config: OperatorConfig,
+                 registry: CollectorRegistry | None = None) -> None:
         self.kube = kube
         self.config = config
         self.state = OperatorState()
+        # Prometheus metrics, in `registry` (the one `ioc-operator run --metrics-port`
+        # serves) or one of their own
+        self.metrics = OperatorMetrics(self.state, registry)
         self.directory = DirectoryPublisher(kube, config.directory_name, config)
         self.envs: Index = {}  # kopf's client_envs index, set by the startup handler
         self.runner = Runner(self._publish)
@@ -80,8 +87,11 @@ class Operator:
         owner = prefixes.taken_by(prefixes.holder(body),
                                   self._prefix_holders(ioc_prefixes, meta["namespace"]))
         memory = self.state.ioc(uid)
+        metrics = self.metrics
         with self.runner.locks.hold(uid):
             memory.reconciled = True
+            started = time.perf_counter()
+            result, reason = "error", "Unexpected"
             try:
                 outcome = reconcile(self.kube, body, self.config,
                                     self._allocator(host_iocs), memory, owner,
@@ -89,12 +99,22 @@ class Operator:
                 # kopf's bookkeeping goes in the same write as the outcome (bookkeeping.py)
                 status = {**outcome.status, bookkeeping.FIELD: bookkeeping.mark(body)}
                 self._write_status(body, status, outcome.conditions)
+                refusal = next((c for c in outcome.conditions
+                                if c.type == "Reconciled" and c.status is False), None)
+                result, reason = ("refused", refusal.reason) if refusal else ("applied", "")
             except KubeError as exc:
+                reason = "APIError"
                 raise kopf.TemporaryError(f"API error, retrying: {exc}",
                                           delay=RETRY_DELAY) from exc
             except (urllib3.exceptions.HTTPError, OSError) as exc:  # API unreachable
+                reason = "APIUnreachable"
                 raise kopf.TemporaryError(f"API unreachable, retrying: {exc}",
                                           delay=RETRY_DELAY) from exc
+            finally:
+                metrics.reconcile_seconds.observe(time.perf_counter() - started)
+                metrics.reconciles.labels(result).inc()
+                if reason:
+                    metrics.errors.labels(reason).inc()
         before = (body.get("status") or {}).get("portClashes") or []
         if recheck := events.recheck_after(before, outcome.clashes, outcome.evicts):
             self.recheck_sync(recheck, body)
@@ -300,17 +320,24 @@ class Operator:
             return [env for _, uid, env in list(index.get(ns, [])) if uid not in gone]
 
         entries = envs(namespace)
+        metrics = self.metrics
+        started = time.perf_counter()
         try:
-            self.directory.publish(namespace, entries or None)
+            written = self.directory.publish(namespace, entries or None)
             cluster_ns = self.config.cluster_directory_namespace
             if cluster_ns:
                 everything = [env for ns in list(index) for env in envs(ns)]
-                self.directory.publish(cluster_ns, everything,
-                                       name=f"{self.config.directory_name}-cluster")
+                written |= self.directory.publish(cluster_ns, everything,
+                                                  name=f"{self.config.directory_name}-cluster")
         except (KubeError, urllib3.exceptions.HTTPError, OSError) as exc:
             # e.g. the namespace is being deleted, or the API server is down
             log.warning("client directory of %s not written: %s", namespace, exc)
+            metrics.publishes.labels("failed").inc()
+            metrics.errors.labels("DirectoryPublishFailed").inc()
             return False
+        finally:
+            metrics.publish_seconds.set(time.perf_counter() - started)
+        metrics.publishes.labels("written" if written else "unchanged").inc()
         return True
 
     # ------------------------------------------------------------ resync
@@ -348,6 +375,8 @@ class Operator:
                             cond: Cond) -> None:
         body = {"metadata": {"namespace": target.namespace, "name": target.name,
                              "uid": target.uid, "generation": target.generation}}
+        if cond.reason != reachability.NOT_READY.reason:  # that one is no probe result
+            self.metrics.probes.labels(cond.reason).inc()
         with self.runner.locks.hold(target.uid):
             self._write_status(body, status, [cond], read=True)
 

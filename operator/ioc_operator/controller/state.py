@@ -91,5 +91,10 @@ class OperatorState:
         """Drop what the operator remembers of an IOC that is gone."""
         self._iocs.pop(uid, None)
 
+    def statuses(self) -> list[dict[str, Any]]:
+        """The status last written of each IOC that has one (metrics.py reads them from
+        another thread: a snapshot, each status a dict replaced whole, never changed)."""
+        return [m.status for m in list(self._iocs.values()) if m.status is not None]
+
     def __len__(self) -> int:
         return len(self._iocs)
