@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..metrics import MetricsServer, port_arg
 from .resolver import Limits
 from .server import NameServer, ServerConfig
 from .table import Table, TableError
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TCP clients per protocol (4096)")
     p.add_argument("--stats-interval", type=_positive, default=60.0, metavar="S",
                    help="log counters every S seconds at -v (60); also on SIGUSR1")
+    p.add_argument("--metrics-port", type=port_arg, default=0, metavar="PORT",
+                   help="serve Prometheus metrics on this TCP port, all addresses "
+                        "(docs/metrics.md); 0, the default: none")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="-v: table changes and counters; -vv: every answer")
     return p
@@ -175,13 +179,19 @@ async def serve(args: argparse.Namespace,
         if stop.is_set():
             source_stop()
             return
+    metrics: MetricsServer | None = None
     try:
         await server.start()
+        if args.metrics_port:
+            metrics = MetricsServer(server.registry, args.metrics_port)
+            log.info("metrics on port %d", metrics.port)
         if on_ready is not None:
             on_ready(server)
         await stop.wait()
         log.info("stopping")
     finally:
+        if metrics is not None:
+            metrics.stop()
         source_stop()
         await server.stop()
         server.log_stats()

@@ -26,7 +26,9 @@ from ..gateways import ca_wire as w
 from ..gateways.ca_downstream import bind_udp
 from ..gateways.limits import CircuitLimit
 from ..gateways.ratelog import RateLimitedLog
+from ..metrics import Collected, CollectorRegistry
 from . import ca, pva
+from .metrics import families
 from .probe import UdpProber
 from .resolver import Limits, Resolver
 from .table import CA, IOC, PVA, Table
@@ -190,11 +192,14 @@ class _UdpListener(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         log.debug("%s: %s", type(self).__name__, exc)
 
+    answers = ""  # the counter of this protocol's answers (server.stats)
+
     def answer(self, addr: tuple[str, int], sequence: int, ioc: IOC, cid: int,
                internal: bool) -> None:
         item = self._item(ioc, cid)
         if item is None or not (internal or ioc.external):
             return
+        self.server.stats[self.answers] += 1
         entry = self._replies.get((addr, ioc))
         if entry is None:
             self._replies[(addr, ioc)] = (sequence, [item])
@@ -326,12 +331,15 @@ class CaCircuit(_Circuit):
         endpoint = ioc.ca
         if endpoint is None or not (self.output.internal or ioc.external):
             return
+        self.server.stats["ca_answers"] += len(cids)
         for cid in cids:
             self.output.queue(ca.search_reply_tcp(endpoint.ip, endpoint.port, cid))
 
 
 class CaUdp(_UdpListener):
     """CA unicast searches (EPICS_CA_ADDR_LIST)."""
+
+    answers = "ca_answers"
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         server = self.server
@@ -437,6 +445,7 @@ class PvaCircuit(_Circuit):
         endpoint = ioc.pva
         if endpoint is None or not (self.output.internal or ioc.external):
             return
+        self.server.stats["pva_answers"] += len(cids)
         for i in range(0, len(cids), PVA_CIDS_PER_TCP_RESPONSE):
             self.output.queue(pva.encode_search_response(
                 ioc.guid, sequence, endpoint.host, endpoint.port,
@@ -446,6 +455,8 @@ class PvaCircuit(_Circuit):
 class PvaUdp(_UdpListener):
     """PVA unicast searches (EPICS_PVA_ADDR_LIST: pvAccessCPP clients, pvxs without
     name servers)."""
+
+    answers = "pva_answers"
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         server = self.server
@@ -518,8 +529,9 @@ class NameServer:
                        for proto in (CA, PVA)}
         self.stats: dict[str, int] = dict.fromkeys(
             ("ca_udp_searches", "ca_tcp_searches", "pva_udp_searches", "pva_tcp_searches",
-             "ca_udp_datagrams_out", "pva_udp_datagrams_out", "bad_messages", "bad_names",
-             "ignored_messages", "answers_dropped", "outside_refused", "circuits_refused"),
+             "ca_answers", "pva_answers", "ca_udp_datagrams_out", "pva_udp_datagrams_out",
+             "bad_messages", "bad_names", "ignored_messages", "answers_dropped",
+             "outside_refused", "circuits_refused"),
             0)
         self._dirty: list[_Output | _UdpListener] = []
         self._flush_scheduled = False
@@ -528,6 +540,9 @@ class NameServer:
         self._ticker: asyncio.Task[None] | None = None
         self.started = time.monotonic()
         self.bound: dict[str, list[tuple[str, int]]] = {}
+        # Prometheus metrics: this server's figures, read when scraped (metrics.py)
+        self.registry = CollectorRegistry()
+        self.registry.register(Collected(lambda: families(self)))
 
     # ------------------------------------------------------------------ plumbing
     def _probe_result(self, proto: str, name: str, ioc: IOC, found: bool | None) -> None:
