@@ -169,7 +169,7 @@ def test_gateway_config_change_rolls_the_pod():
 def test_singleton_statefulset_with_owner_reference():
     sts = by_kind(render(make_ioc()))["StatefulSet"]
     assert sts["spec"]["replicas"] == 1
-    assert sts["spec"]["podManagementPolicy"] == "OrderedReady"
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"
     owner = sts["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
         "IOC", "ioc1", "uid-1", True)

@@ -69,10 +69,23 @@ def worst_size(node: dict[str, Any]) -> int:
     if node.get("type") == "array":
         return node["maxItems"] * (worst_size(node["items"]) + 1) + 2
     if "properties" in node:
-        return sum(len(k) + 4 + worst_size(v) for k, v in node["properties"].items()) + 2
+        return sum(len(k) + 4 + min(worst_size(v), total_cap(node, k, v))
+                   for k, v in node["properties"].items()) + 2
     limit = key_limit(node)
     assert limit is not None
     return node["maxProperties"] * (limit + 4 + worst_size(node["additionalProperties"])) + 2
+
+
+def total_cap(parent: dict[str, Any], name: str, node: dict[str, Any]) -> int:
+    """A map's size as capped by a CEL rule of its parent on the sum of its values'
+    sizes (spec.config.files), with its keys and JSON punctuation."""
+    for rule in parent.get("x-kubernetes-validations") or []:
+        found = re.search(rf"self\.{name}\.map\(k, size\(self\.{name}\[k\]\)\)"
+                          r"\.sum\(\) <= (\d+)", rule["rule"])
+        if found:
+            return int(found[1]) + node["maxProperties"] * (key_limit(node) or 0) + 8 * (
+                node["maxProperties"]) + 2
+    return 1 << 62
 
 
 def test_an_ioc_at_every_limit_still_fits_in_etcd() -> None:

@@ -82,6 +82,10 @@ chart's tests record every request it makes against a real API server).
 - apiGroups: [""]
   resources: [services, configmaps]
   verbs: [list, watch, create, patch, delete]
+# The ConfigMap an IOC's spec.config.configMap names: its content hash rolls the IOC.
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get]
 # The optional NetworkPolicy of an IOC with network.allowedNamespaces: the same.
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
@@ -104,6 +108,10 @@ chart's tests record every request it makes against a real API server).
 {{- define "ioc-operator.clusterRules" -}}
 - apiGroups: [""]
   resources: [nodes]
+  verbs: [get]
+# The cluster's Service range: IOC Services get ClusterIPs derived from their names.
+- apiGroups: [networking.k8s.io]
+  resources: [servicecidrs]
   verbs: [get]
 # kopf watches CustomResourceDefinitions to notice the IOC CRD (re)installed.
 - apiGroups: [apiextensions.k8s.io]

@@ -23,7 +23,7 @@ from ioc_operator.controller.operator import Operator
 from ioc_operator.discovery.directory import COMPONENT as DIRECTORY_COMPONENT
 from ioc_operator.model.config import OperatorConfig
 from ioc_operator.model.ioc import NetworkMode
-from ioc_operator.render.names import MANAGED_BY
+from ioc_operator.render.names import CONFIG_LABEL, MANAGED_BY
 
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 # kopf's own HTTP session has no connection limit: a burst of 1,000 patches opens
@@ -176,3 +176,26 @@ async def ioc_children(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
         return None
     meta = body["metadata"]
     return {owner[1]: (body.get("kind", ""), meta["name"], meta.get("uid", ""))}
+
+
+# A ConfigMap that IOCs mount as spec.config.configMap and that its owner labelled
+# epics-operator.io/config: an edit restarts those IOCs (the hash on their pod template).
+
+@kopf.index(GROUP, VERSION, PLURAL)
+async def ioc_config_maps(namespace: str, name: str, spec: kopf.Spec,
+                          **_: Any) -> dict[Any, str] | None:
+    """IOCs by the ConfigMap they mount (spec.config.configMap)."""
+    mounted = (spec.get("config") or {}).get("configMap")
+    return {(namespace, mounted): f"{namespace}/{name}"} if mounted else None
+
+
+@kopf.on.event("", "v1", "configmaps", labels={CONFIG_LABEL: kopf.PRESENT})
+async def mounted_config_event(body: kopf.Body, event: kopf.RawEvent, memo: kopf.Memo,
+                               ioc_config_maps: kopf.Index, **_: Any) -> None:
+    # Not the initial listing (type None): the IOCs reconcile at the operator's start.
+    if event.get("type") not in ("ADDED", "MODIFIED"):
+        return
+    meta = body["metadata"]
+    keys = sorted(set(ioc_config_maps.get((meta["namespace"], meta["name"]), [])))
+    if keys:
+        await memo.operator.runner.call(memo.operator.recheck_sync, keys, dict(body))

@@ -29,8 +29,9 @@ PLURALS = {
     "Namespace": "namespaces",
     "Event": "events",
     "IOC": "iocs",
+    "ServiceCIDR": "servicecidrs",
 }
-CLUSTER_SCOPED = {"Node", "Namespace"}
+CLUSTER_SCOPED = {"Node", "Namespace", "ServiceCIDR"}
 POOL_SIZE = 24
 
 

@@ -23,7 +23,7 @@ from ioc_operator import GROUP, PLURAL, VERSION
 from ioc_operator.allocation import prefixes
 from ioc_operator.allocation.hostports import Allocation, host_ioc
 from ioc_operator.allocation.prefixes import PrefixHolder
-from ioc_operator.controller import bookkeeping, events, reachability, resync
+from ioc_operator.controller import bookkeeping, events, reachability, resync, servicerange
 from ioc_operator.controller.conditions import Cond, merge_conditions, transitions
 from ioc_operator.controller.kube import Kube, KubeError
 from ioc_operator.controller.metrics import OperatorMetrics
@@ -62,7 +62,17 @@ class Operator:
         self.directory = DirectoryPublisher(kube, config.directory_name, config)
         self.envs: Index = {}  # kopf's client_envs index, set by the startup handler
         self.runner = Runner(self._publish)
+        self._service_cidr: str | None = None  # "": not found (see service_cidr)
         self.prober = reachability.Prober(self._write_reachability, self.runner.threads)
+
+    def service_cidr(self) -> str | None:
+        """The Service range new IOC Services take a derived ClusterIP from: the
+        operator's setting, else the cluster's `kubernetes` ServiceCIDR (read once)."""
+        if self.config.service_cidr:
+            return self.config.service_cidr
+        if self._service_cidr is None:
+            self._service_cidr = servicerange.detect(self.kube) or ""
+        return self._service_cidr or None
 
     # ------------------------------------------------------------ IOC changes
 
@@ -95,7 +105,7 @@ class Operator:
             try:
                 outcome = reconcile(self.kube, body, self.config,
                                     self._allocator(host_iocs), memory, owner,
-                                    _children(children, uid))
+                                    _children(children, uid), self.service_cidr())
                 # kopf's bookkeeping goes in the same write as the outcome (bookkeeping.py)
                 status = {**outcome.status, bookkeeping.FIELD: bookkeeping.mark(body)}
                 self._write_status(body, status, outcome.conditions)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ioc_operator.allocation import prefixes
+from ioc_operator.allocation import clusterip, prefixes
 from ioc_operator.allocation.hostports import Allocation, PortRangeExhausted
 from ioc_operator.controller import drift, echoes
 from ioc_operator.controller.conditions import Cond
@@ -30,7 +30,8 @@ from ioc_operator.model.config import OperatorConfig
 from ioc_operator.model.errors import IOCValidationError
 from ioc_operator.model.ioc import IOC, NetworkMode
 from ioc_operator.model.validation import check_config, parse_ioc
-from ioc_operator.render import names, render, resolve_ports
+from ioc_operator.render import instance, names, render, resolve_ports
+from ioc_operator.render.service import service
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ REFUSABLE = {"StatefulSet", "PersistentVolumeClaim"}
 # An IOC's prunable objects as kopf's index knows them: (kind, name, uid).
 Child = tuple[str, str, str]
 FAILURE_REASONS = {"InvalidSpec", "Rejected", "PortConflict", "ExplicitPortClash",
-                   prefixes.REASON,
+                   prefixes.REASON, "ClusterIPTaken", "ConfigMissing", "CrashLoop",
                    "PortRangeExhausted", "Unreachable"}
 Allocator = Callable[[IOC, dict[str, Any]], Allocation]
 
@@ -65,17 +66,22 @@ class Observed:
     address: str | None = None
     node: str | None = None
     ready: bool = False
+    missing_config: str | None = None  # the ConfigMap spec.config.configMap names
+    ioc_container: dict[str, Any] | None = None  # the IOC container's status in its pod
 
 
 def reconcile(kube: Kube, body: dict[str, Any], config: OperatorConfig,
               allocator: Allocator | None = None, memory: IOCMemory | None = None,
               prefix_taken_by: str | None = None,
-              children: list[Child] | None = None) -> Outcome:
+              children: list[Child] | None = None,
+              service_cidr: str | None = None) -> Outcome:
     """Bring the objects of one IOC in line with its spec. Raises KubeError only for
     passing faults (the caller retries); a user's mistake becomes a condition.
     `memory` receives the mark of each object as soon as it is applied (echoes.py) and
     the digest of the render. `prefix_taken_by`: an older IOC of the namespace with the
-    same PV prefix. `children`: the IOC's prunable objects (None: list them)."""
+    same PV prefix. `children`: the IOC's prunable objects (None: list them).
+    `service_cidr`: the cluster's Service range, where new Services get an address
+    derived from the IOC's name (None: Kubernetes chooses)."""
     memory = memory if memory is not None else IOCMemory()
     meta = body.get("metadata", {})
     generation = meta.get("generation")
@@ -93,7 +99,15 @@ def reconcile(kube: Kube, body: dict[str, Any], config: OperatorConfig,
                                 f"spec.network.ports: {allocation.refused}",
                                 allocation.clashes)
         check_config(ioc, config)
-        objects = render(ioc, config, allocation.ports if allocation else None)
+        explicit_ip = ioc.spec.network.cluster_ip
+        if explicit_ip and service_cidr and not clusterip.contains(service_cidr, explicit_ip):
+            raise IOCValidationError("spec.network.clusterIP", (
+                f"{explicit_ip} is outside the cluster's Service range {service_cidr}"))
+        mounted, missing = _mounted_config(kube, ioc)
+        candidates = _ip_candidates(ioc, children, service_cidr)
+        objects = render(ioc, config, allocation.ports if allocation else None,
+                         mounted_config_hash=mounted,
+                         cluster_ip=candidates[0] if candidates else None)
     except IOCValidationError as exc:
         return _refused(kube, body, "InvalidSpec", str(exc))
     except PortRangeExhausted as exc:
@@ -105,25 +119,112 @@ def reconcile(kube: Kube, body: dict[str, Any], config: OperatorConfig,
     digest = _digest(objects)
     reclaim: dict[str, dict[str, Any]] = {}  # ports edited by hand: see drift.py
     for obj in [] if memory.applied == digest else [
-            o for o in objects if o["kind"] in REFUSABLE]:
+            o for o in objects if o["kind"] in REFUSABLE or _asks_for_address(o, ioc)]:
         try:
             patch = _dry_run(kube, obj)
         except KubeError as exc:
             if not exc.invalid:
                 raise
+            if obj["kind"] == "Service" and _address_changed(exc):
+                continue  # a new explicit clusterIP: the apply re-creates the Service
             where = f"{obj['kind']} {obj['metadata']['name']}"
-            return _refused(kube, body, "Rejected", f"{where}: {exc.message}")
+            reason = "ClusterIPTaken" if _address_taken(exc) else "Rejected"
+            return _refused(kube, body, reason, f"{where}: {exc.message}")
         if patch:
             reclaim[_key(obj)] = patch
 
     results = []
-    for obj in objects:
-        results.append(_apply(kube, obj, reclaim.get(_key(obj))))
+    notes: list[str] = []
+    # The Service first: an explicit address another Service holds is found only by
+    # the real apply (a dry run does not allocate), and then nothing else is written.
+    for obj in sorted(objects, key=lambda o: o["kind"] != "Service"):
+        if obj["kind"] == "Service":
+            try:
+                results.append(_apply_service(kube, ioc, obj, candidates[1:], notes))
+            except KubeError as exc:
+                if not _address_taken(exc):
+                    raise
+                return _refused(kube, body, "ClusterIPTaken", (
+                    f"spec.network.clusterIP: {exc.message}; choose a free address in "
+                    f"{service_cidr or 'the Service range'}, or leave it unset"))
+        else:
+            results.append(_apply(kube, obj, reclaim.get(_key(obj))))
         memory.written[echoes.key(results[-1])] = echoes.mark(results[-1])
     memory.applied = digest
     _prune(kube, ioc, objects, children)
     observed = _observe(kube, ioc, results)
-    return _outcome(ioc, observed, generation, allocation)
+    if missing:
+        observed.missing_config = missing
+    return _outcome(ioc, observed, generation, allocation, notes)
+
+
+def _mounted_config(kube: Kube, ioc: IOC) -> tuple[str | None, str | None]:
+    """The content hash of the ConfigMap spec.config.configMap names, and its name when
+    it does not exist (the pod waits for it)."""
+    config = ioc.spec.config
+    if config is None or config.config_map is None:
+        return None, None
+    found = kube.get("v1", "ConfigMap", ioc.metadata.namespace, config.config_map)
+    if found is None:
+        return None, config.config_map
+    content = {**(found.get("data") or {}),
+               **{f"binary:{k}": v for k, v in (found.get("binaryData") or {}).items()}}
+    return instance.files_hash(content), None
+
+
+def _ip_candidates(ioc: IOC, children: list[Child] | None,
+                   service_cidr: str | None) -> list[str]:
+    """Addresses a new Service of the IOC asks for, best first; none for an existing
+    Service (it keeps its address) or when the range is unknown."""
+    spec = ioc.spec
+    if spec.network.mode == NetworkMode.HOST or spec.network.cluster_ip or not service_cidr:
+        return []
+    name = names.service_name(ioc)
+    if children is not None and any(k == "Service" and n == name for k, n, _ in children):
+        return []
+    return clusterip.candidates(ioc.metadata.namespace, ioc.metadata.name, service_cidr)
+
+
+def _asks_for_address(obj: dict[str, Any], ioc: IOC) -> bool:
+    return obj["kind"] == "Service" and bool(ioc.spec.network.cluster_ip)
+
+
+def _address_taken(exc: KubeError) -> bool:
+    return exc.invalid and "already allocated" in exc.message
+
+
+def _address_changed(exc: KubeError) -> bool:
+    return exc.invalid and "may not change once set" in exc.message
+
+
+def _apply_service(kube: Kube, ioc: IOC, obj: dict[str, Any], more: list[str],
+                   notes: list[str]) -> dict[str, Any]:
+    """Apply the Service. A derived address another Service holds: the next candidate,
+    then Kubernetes' choice. An existing Service with another address: it keeps it
+    (derived) or is re-created (a new spec.network.clusterIP). Bounded: each step
+    drops a candidate or the address."""
+    explicit = ioc.spec.network.cluster_ip
+    recreated = False
+    for _ in range(len(more) + 3):
+        try:
+            return kube.apply(obj)
+        except KubeError as exc:
+            if _address_taken(exc) and not explicit:
+                obj = service(ioc, resolve_ports(ioc.spec), more.pop(0) if more else None)
+                if not more and "clusterIP" not in obj["spec"]:
+                    notes.append("the ClusterIPs derived from its name are held by other "
+                                 "Services: Kubernetes chose one, which a re-created IOC "
+                                 "will not get back")
+            elif _address_changed(exc) and explicit and not recreated:
+                log.info("re-creating Service %s for spec.network.clusterIP %s",
+                         obj["metadata"]["name"], explicit)
+                kube.delete("v1", "Service", ioc.metadata.namespace, obj["metadata"]["name"])
+                recreated = True
+            elif _address_changed(exc) and not explicit:
+                obj = service(ioc, resolve_ports(ioc.spec), None)
+            else:
+                raise
+    return kube.apply(obj)
 
 
 def _key(obj: dict[str, Any]) -> str:
@@ -250,6 +351,9 @@ def _observe(kube: Kube, ioc: IOC, applied: list[dict[str, Any]]) -> Observed:
     pod = pods[0] if pods else None
     if pod:
         observed.node = pod.get("spec", {}).get("nodeName")
+        observed.ioc_container = next(
+            (c for c in (pod.get("status") or {}).get("containerStatuses") or []
+             if c.get("name") == "ioc"), None)
     if ioc.spec.network.mode == NetworkMode.HOST:
         host_ip = (pod or {}).get("status", {}).get("hostIP")
         node_name = observed.node or ioc.spec.scheduling.node_name
@@ -262,7 +366,7 @@ def _observe(kube: Kube, ioc: IOC, applied: list[dict[str, Any]]) -> Observed:
 
 
 def _outcome(ioc: IOC, observed: Observed, generation: int | None,
-             allocation: Allocation | None) -> Outcome:
+             allocation: Allocation | None, notes: list[str] | None = None) -> Outcome:
     spec = ioc.spec
     ports = resolve_ports(spec, allocation.ports if allocation else None)
     clashes = allocation.clashes if allocation else ()
@@ -284,11 +388,17 @@ def _outcome(ioc: IOC, observed: Observed, generation: int | None,
     elif not observed.address:
         what = "a node" if spec.network.mode == NetworkMode.HOST else "a ClusterIP"
         ready = Cond("Ready", False, "WaitingForAddress", f"waiting for {what}")
+    elif observed.missing_config:
+        ready = Cond("Ready", False, "ConfigMissing", (
+            f"spec.config.configMap: ConfigMap {observed.missing_config} does not exist in "
+            f"namespace {ioc.metadata.namespace}; the IOC starts once it does"))
     elif not observed.ready:
-        ready = Cond("Ready", False, "PodNotReady", "waiting for the IOC pod to be ready")
+        ready = Cond("Ready", False, *_not_ready(ioc, observed.ioc_container))
     else:
-        ready = Cond("Ready", True, "Running", "the IOC is running")
-    conds = [Cond("Reconciled", True, "Applied", f"generation {generation} applied"), ready]
+        ready = Cond("Ready", True, "Running",
+                     "the IOC is running" + _restarts(observed.ioc_container))
+    applied = "; ".join([f"generation {generation} applied", *(notes or [])])
+    conds = [Cond("Reconciled", True, "Applied", applied), ready]
     if spec.network.mode == NetworkMode.HOST:
         conds.append(
             Cond("PortConflict", True, "ExplicitPortClash",
@@ -297,6 +407,33 @@ def _outcome(ioc: IOC, observed: Observed, generation: int | None,
             Cond("PortConflict", False, "NoConflict", "host ports are unique on the node"))
     return Outcome(status=status, conditions=conds, clashes=clashes,
                    evicts=allocation.evicts if allocation else ())
+
+
+def _not_ready(ioc: IOC, status: dict[str, Any] | None) -> tuple[str, str]:
+    """Why the pod is not ready, from the IOC container's status: starting (its
+    startup probe may take spec.health.startupSeconds), or failing its probes."""
+    if status is None:
+        return "PodNotReady", "waiting for the IOC pod to be ready"
+    waiting = (status.get("state") or {}).get("waiting") or {}
+    if waiting.get("reason") == "CrashLoopBackOff":
+        return "CrashLoop", "the IOC container keeps exiting" + _restarts(status)
+    if status.get("started") is False:
+        return "Starting", (
+            f"the IOC is starting (allowed {ioc.spec.health.startup_seconds} s by "
+            "spec.health.startupSeconds)" + _restarts(status))
+    return "PodNotReady", "the IOC fails its readiness probe" + _restarts(status)
+
+
+def _restarts(status: dict[str, Any] | None) -> str:
+    """`; restarted N times (last: ...)` when the kubelet restarted the IOC container
+    (a failed liveness probe, a crash, an out-of-memory kill)."""
+    count = (status or {}).get("restartCount") or 0
+    if not count:
+        return ""
+    last = ((status or {}).get("lastState") or {}).get("terminated") or {}
+    why = f" (last exit: {last.get('reason', 'unknown')}, code {last.get('exitCode')})" if (
+        last) else ""
+    return f"; restarted {count} time{'s' if count != 1 else ''}{why}"
 
 
 def event_type(cond: Cond) -> str:

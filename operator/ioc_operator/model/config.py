@@ -27,6 +27,10 @@ class OperatorConfig(BaseModel):
     # How often to list all IOCs and drop directory entries of IOCs deleted while the
     # operator's watch was down (see resync.py).
     resync_seconds: float = Field(default=60.0, ge=1.0)
+    # The cluster's Service range (e.g. 10.96.0.0/12), where each IOC's Service gets
+    # a ClusterIP derived from its name. Unset: read from the cluster's `kubernetes`
+    # ServiceCIDR (Kubernetes 1.33+); without either, Kubernetes chooses.
+    service_cidr: str | None = Field(default=None)
     # The name service's stable address (the ioc-name-server Service's ClusterIP, or a
     # name clients resolve). When set, every client directory holds only it and never
     # changes as IOCs come and go; unset, the directory lists every IOC's address.

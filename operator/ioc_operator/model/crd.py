@@ -73,6 +73,14 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
                         if {"type": "null"} in sub.get("anyOf", [])}
         elif key in ("items", "additionalProperties", "anyOf", "allOf"):
             out[key] = _resolve(value, defs)
+        elif key == "patternProperties":
+            # A map whose keys have a pattern: structural schemas have no
+            # patternProperties; the values' schema stays, a CEL rule checks the keys.
+            ((pattern, values),) = value.items()
+            out["additionalProperties"] = _resolve(values, defs)
+            out.setdefault("x-kubernetes-validations", []).append({
+                "rule": f"self.all(k, k.matches('{pattern}'))",
+                "message": f"keys must match {pattern}"})
         elif key == "propertyNames":
             # Structural schemas cannot bound map keys; a CEL rule does.
             limit = value["maxLength"]

@@ -46,7 +46,7 @@ PV_NAME_MAX = 256
 K8S_NAME_MAX = 253  # a Kubernetes object name (DNS subdomain)
 IMAGE_MAX = 512  # registry/path (255) + :tag (128) + @sha256:digest (71)
 PATH_MAX = 4096
-ARG_MAX = 4096  # one command or args item
+ARG_MAX = 1024  # one command or args item (long text belongs in spec.config.files)
 ARGS_MAX = 32
 GATEWAY_COMMAND_MAX = 8
 DESCRIPTION_MAX = 1024
@@ -63,6 +63,13 @@ QUANTITY_MAX = 64
 OBJECT_FIELDS_MAX = 16  # top-level fields of a free-form Kubernetes object
 OBJECTS_MAX = 64  # volumes, mounts, tolerations
 NAMESPACES_MAX = 64
+CONTAINERS_MAX = 8  # init or extra containers
+CONFIG_FILE_MAX = 262144  # one file of spec.config.files (characters); see CONFIG_TOTAL_MAX
+CONFIG_FILES_MAX = 32
+CONFIG_TOTAL_MAX = rules.CONFIG_TOTAL_MAX
+CONFIG_KEY = r"^[-._a-zA-Z0-9]+$"  # a ConfigMap key, i.e. a file name
+IPV4 = (r"^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+        r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$")
 
 Image = Annotated[str, Field(max_length=IMAGE_MAX)]
 K8sName = Annotated[str, Field(max_length=K8S_NAME_MAX)]
@@ -241,6 +248,18 @@ class Network(Model):
             "operator's for reachability probes). Default: unset, no NetworkPolicy."
         ),
     )
+    cluster_ip: str | None = Field(
+        default=None,
+        alias="clusterIP",
+        pattern=IPV4,
+        max_length=15,
+        description=(
+            "Pod and sidecar modes: the Service's ClusterIP, inside the cluster's Service "
+            "range. Default: an address derived from the IOC's namespace and name, so a "
+            "deleted and re-created IOC gets the same one and running clients find it "
+            "again (if another Service holds it, the next of a few derived addresses). "
+            "Changing it re-creates the Service."),
+    )
     require_name_servers: StrictBool = Field(
         default=False,
         description=(
@@ -396,6 +415,74 @@ class Autosave(Model):
     )
 
 
+ConfigKey = Annotated[str, Field(pattern=CONFIG_KEY, max_length=K8S_NAME_MAX)]
+ConfigText = Annotated[str, Field(max_length=CONFIG_FILE_MAX)]
+
+
+class Config(Model):
+    """The IOC instance's own files (st.cmd, ioc.yaml, databases, substitution files),
+    for one generic IOC image per support module: mounted read-only into the IOC
+    container; a change of their content restarts the IOC. Default: none."""
+
+    model_config = ConfigDict(json_schema_extra=rules.schema(rules.CONFIG_RULES))
+
+    files: dict[ConfigKey, ConfigText] | None = Field(
+        default=None, min_length=1, max_length=CONFIG_FILES_MAX,
+        description=(
+            "The files, by name: {st.cmd: ..., ioc.db: ...}. The operator keeps them in a "
+            f"ConfigMap <name>-config. At most {CONFIG_FILES_MAX} files of "
+            f"{CONFIG_FILE_MAX // 1024} KiB each, {CONFIG_TOTAL_MAX // 1024} KiB in all. "
+            "Default: none."))
+    config_map: K8sName | None = Field(default=None, description=(
+        "Instead of files: an existing ConfigMap of the IOC's namespace, mounted whole. "
+        "Its content hash is taken when the IOC is reconciled; label it "
+        "epics-operator.io/config=true and each edit restarts the IOCs that mount it. "
+        "Default: none."))
+    mount_path: str = Field(
+        default="/epics/ioc/config", pattern=r"^/", max_length=PATH_MAX,
+        description=(
+            "Where the IOC container sees the files (the epics-containers convention). "
+            "Default: /epics/ioc/config."))
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Config:
+        rules.check(rules.CONFIG_RULES, self)
+        return self
+
+
+class Health(Model):
+    """How the kubelet tells a starting, a ready and a hung IOC apart. Default: TCP
+    probes on the IOC's CA (else PVA) port in host and pod modes, none on the IOC
+    container in sidecar mode (its servers are on loopback: set pv)."""
+
+    pv: str | None = Field(
+        default=None, pattern=PREFIX_PATTERN, max_length=PV_NAME_MAX,
+        description=(
+            "A heartbeat PV (e.g. iocStats' <prefix>UPTIME) read inside the IOC container "
+            "by `command` through loopback, in every network mode: the startup, readiness "
+            "and liveness probe. A hung IOC (it still accepts TCP connections, so a TCP "
+            "probe passes) stops answering it. Default: none, TCP probes."))
+    command: list[Arg] = Field(
+        default_factory=list, max_length=GATEWAY_COMMAND_MAX,
+        description=(
+            "The command that reads pv, with the PV name appended; it must exist in the "
+            "IOC image and exit non-zero when the read fails. It runs with "
+            "EPICS_CA_ADDR_LIST (or EPICS_PVA_ADDR_LIST) naming the IOC on loopback. "
+            "Default: [caget, -w, <timeoutSeconds>] when the IOC serves CA, else [pvget, "
+            "-w, <timeoutSeconds>] (EPICS Base's)."))
+    timeout_seconds: StrictInt = Field(default=5, ge=1, le=60, description=(
+        "How long one probe may take. Default: 5."))
+    period_seconds: StrictInt = Field(default=10, ge=1, le=300, description=(
+        "Seconds between readiness and liveness probes. Default: 10."))
+    startup_seconds: StrictInt = Field(default=3600, ge=1, le=86400, description=(
+        "How long the IOC may take to start (waiting for hardware, loading databases) "
+        "before the kubelet restarts it; liveness is checked only after it started. "
+        "Default: 3600."))
+    restart_after_seconds: StrictInt = Field(default=60, ge=0, le=86400, description=(
+        "Restart the IOC container after its probe has failed this long (at least one "
+        "period); 0: never restart, only report it not ready. Default: 60."))
+
+
 class Probe(Model):
     """A PV the operator reads to check the IOC is reachable as clients see it: over
     CA and PVA (whichever the IOC serves) with exactly the published client settings,
@@ -488,6 +575,34 @@ class IOCSpec(Model):
     volume_mounts: list[FreeObject] = Field(
         default_factory=list, max_length=OBJECTS_MAX,
         description="Extra IOC container mounts (Kubernetes VolumeMount). Default: none.")
+    config: Config | None = Field(default=None, description=(
+        "The IOC instance's files (st.cmd, databases, ...), inline or from a ConfigMap, "
+        "mounted read-only at /epics/ioc/config; a change restarts the IOC. Default: "
+        "none."))
+    health: Health = Field(default_factory=Health, description=(
+        "Startup, readiness and liveness probes of the IOC container; a hung IOC is "
+        "restarted. Default: TCP probes on the IOC's port in host and pod modes."))
+    security_context: FreeObject | None = Field(default=None, description=(
+        "The IOC container's securityContext (Kubernetes SecurityContext), e.g. "
+        "{capabilities: {add: [SYS_NICE]}} for real-time thread priorities, "
+        "{runAsUser: 37000} for a facility uid. Its top-level fields replace the "
+        "default's. Default: {allowPrivilegeEscalation: false, capabilities: {drop: "
+        "[ALL]}} (a soft IOC needs no capability)."))
+    pod_security_context: FreeObject | None = Field(default=None, description=(
+        "The pod's securityContext (Kubernetes PodSecurityContext), e.g. {fsGroup: "
+        "37000, supplementalGroups: [...]} for detector data. Default: none."))
+    init_containers: list[FreeObject] = Field(
+        default_factory=list, max_length=CONTAINERS_MAX,
+        description=(
+            "Containers run to completion before the IOC starts (Kubernetes Container), "
+            "e.g. to wait for a device or fetch files. Names ioc, pvagw, cagw and bridge "
+            "are the operator's. Default: none."))
+    extra_containers: list[FreeObject] = Field(
+        default_factory=list, max_length=CONTAINERS_MAX,
+        description=(
+            "More containers beside the IOC (Kubernetes Container), e.g. a log shipper. "
+            "They may not declare the EPICS ports the operator gives the IOC (nor, in host "
+            "mode, any port of its host port range). Default: none."))
     probe: Probe = Field(default_factory=Probe, description=(
         "A PV the operator reads, over CA and PVA with exactly the published client "
         "settings, to check the IOC is reachable as clients see it (the Reachable "

@@ -43,6 +43,19 @@ NETWORK_RULES = (
          "ports.pvaServer and ports.pvaBroadcast must differ"),
 )
 
+# On spec.config (Config). CEL's size() counts characters, near the ConfigMap's bytes.
+CONFIG_TOTAL_MAX = 262144  # all of spec.config.files, so an IOC still fits in etcd
+CONFIG_RULES = (
+    Rule("has(self.files) != has(self.configMap)",
+         lambda c: (c.files is None) == (c.config_map is None),
+         "set exactly one of files and configMap"),
+    Rule(f"!has(self.files) || self.files.map(k, size(self.files[k])).sum() "
+         f"<= {CONFIG_TOTAL_MAX}",
+         lambda c: c.files is not None and sum(map(len, c.files.values())) > CONFIG_TOTAL_MAX,
+         f"files may hold at most {CONFIG_TOTAL_MAX // 1024} KiB in all (larger files "
+         "belong in the image or a ConfigMap of their own: configMap)", ".files"),
+)
+
 # On spec (IOCSpec).
 SPEC_RULES = (
     Rule(f"!has(self.gateways) || self.network.mode == '{NetworkMode.SIDECAR}'",

@@ -21,7 +21,7 @@ from ioc_operator.model.ioc import (
     NetworkMode,
 )
 from ioc_operator.render.ports import resolve_ports
-from ioc_operator.render.workload import server_env
+from ioc_operator.render.workload import OPERATOR_CONTAINERS, server_env
 
 
 def parse_ioc(body: dict[str, Any]) -> IOC:
@@ -71,6 +71,64 @@ def check_semantics(ioc: IOC) -> None:
             "spec.env", f"{', '.join(clash)} is set by the operator: use spec.network.ports")
     if spec.network.mode == NetworkMode.SIDECAR:
         _check_sidecars(spec)
+    _check_containers(spec)
+
+
+def _check_containers(spec: IOCSpec) -> None:
+    """Init and extra containers: Kubernetes validates the rest at the dry run; these
+    are what it cannot know (the operator's names and ports)."""
+    seen: set[str] = set()
+    taken = epics_ports(spec)
+    for field, containers in (("initContainers", spec.init_containers),
+                              ("extraContainers", spec.extra_containers)):
+        for i, container in enumerate(containers):
+            where = f"spec.{field}[{i}]"
+            name = container.get("name")
+            if not isinstance(name, str) or not name:
+                raise IOCValidationError(f"{where}.name", "is required")
+            if name in OPERATOR_CONTAINERS:
+                raise IOCValidationError(
+                    f"{where}.name", f"{name!r} is a container the operator runs; choose "
+                    "another name")
+            if name in seen:
+                raise IOCValidationError(f"{where}.name", f"{name!r} is used twice")
+            seen.add(name)
+            ports = container.get("ports") or []
+            if not isinstance(ports, list):
+                raise IOCValidationError(f"{where}.ports", "must be a list")
+            for j, port in enumerate(ports):
+                for key in ("containerPort", "hostPort"):
+                    number = port.get(key) if isinstance(port, dict) else None
+                    if number in taken:
+                        raise IOCValidationError(
+                            f"{where}.ports[{j}].{key}",
+                            f"{number} is the IOC's {taken[number]} port, which the "
+                            "operator assigns")
+
+
+def epics_ports(spec: IOCSpec) -> dict[int, str]:
+    """The ports the operator gives the IOC's servers and gateways in its pod (host
+    mode: the explicit ones; the allocated ones are checked against the range in
+    check_config)."""
+    ports = resolve_ports(spec)
+    host = spec.network.mode == NetworkMode.HOST
+    explicit = spec.network.ports
+    out: dict[int, str] = {}
+    if spec.servers.ca.enabled:
+        if (ca := explicit.ca if host else ports.ca) is not None:
+            out[ca] = "CA"
+        if spec.runs_ca_gateway:
+            out[spec.ca_gateway.internal_port] = "loopback CA"
+    if spec.serves_pva:
+        for value, what in ((explicit.pva_server if host else ports.pva_server, "PVA server"),
+                            (explicit.pva_broadcast if host else ports.pva_broadcast,
+                             "PVA search")):
+            if value is not None:
+                out[value] = what
+        if spec.runs_pvagw:
+            out[spec.pva_gateway.internal_server_port] = "loopback PVA server"
+            out[spec.pva_gateway.internal_broadcast_port] = "loopback PVA search"
+    return out
 
 
 def _check_sidecars(spec: IOCSpec) -> None:
@@ -130,6 +188,21 @@ def _check_ports(spec: IOCSpec) -> None:
 def check_config(ioc: IOC, config: OperatorConfig) -> None:
     """Rules that depend on the operator's settings."""
     spec = ioc.spec
+    if spec.network.mode == NetworkMode.HOST:
+        # A host-network pod shares the node's ports: one the allocator may hand to
+        # this or another IOC must not be held by a container beside the IOC.
+        for field, containers in (("initContainers", spec.init_containers),
+                                  ("extraContainers", spec.extra_containers)):
+            for i, container in enumerate(containers):
+                for j, port in enumerate(container.get("ports") or []):
+                    number = port.get("containerPort") if isinstance(port, dict) else None
+                    if isinstance(number, int) and (
+                            config.host_port_min <= number <= config.host_port_max):
+                        raise IOCValidationError(
+                            f"spec.{field}[{i}].ports[{j}].containerPort",
+                            f"{number} is in the operator's host port range "
+                            f"{config.host_port_min}-{config.host_port_max}, from which "
+                            "IOCs on this node get their EPICS ports")
     if (spec.runs_ca_gateway and spec.ca_gateway.implementation ==
             CAGatewayImplementation.CA_GATEWAY and not spec.ca_gateway.image
             and not config.ca_gateway_image):

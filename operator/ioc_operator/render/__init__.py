@@ -12,7 +12,7 @@ from typing import Any
 
 from ioc_operator.model.config import OperatorConfig
 from ioc_operator.model.ioc import IOC, NetworkMode
-from ioc_operator.render import cagw, names, pvagw
+from ioc_operator.render import cagw, instance, names, pvagw
 from ioc_operator.render.policy import network_policy
 from ioc_operator.render.ports import ResolvedPorts, resolve_ports
 from ioc_operator.render.service import service
@@ -23,10 +23,14 @@ __all__ = ["ResolvedPorts", "render", "resolve_ports"]
 
 
 def render(
-    ioc: IOC, config: OperatorConfig | None = None, allocated: ResolvedPorts | None = None
+    ioc: IOC, config: OperatorConfig | None = None, allocated: ResolvedPorts | None = None,
+    *, mounted_config_hash: str | None = None, cluster_ip: str | None = None,
 ) -> list[dict[str, Any]]:
     """All objects for one IOC, in apply order (config before the pods that read it).
-    `ioc` must have passed validation.check (parse_ioc does that)."""
+    `ioc` must have passed validation.check (parse_ioc does that). The controller's
+    inputs: `allocated` host ports, `mounted_config_hash` the content hash of the
+    ConfigMap spec.config.configMap names, `cluster_ip` the address a new Service asks
+    for (None: keep what the Service has, or let Kubernetes choose)."""
     config = config or OperatorConfig()
     ports = resolve_ports(ioc.spec, allocated)
     spec = ioc.spec
@@ -37,6 +41,8 @@ def render(
     if spec.runs_ca_gateway and (cm := cagw.config_map(ioc)):
         configs.append(cm)
     objects += configs
+    if files := instance.config_map(ioc):
+        objects.append(files)
     # A changed gateway config must restart the pod: its hash is in the pod template.
     texts = [json.dumps(c["data"], sort_keys=True) if c["metadata"]["name"] ==
              names.cagw_config_name(ioc) else c["data"][pvagw.CONFIG_KEY] for c in configs]
@@ -44,8 +50,9 @@ def render(
     if ioc.spec.autosave.enabled:
         objects.append(autosave_claim(ioc))
     if ioc.spec.network.mode != NetworkMode.HOST:
-        objects.append(service(ioc, ports))
+        objects.append(service(ioc, ports, cluster_ip))
         if ioc.spec.network.allowed_namespaces is not None:
             objects.append(network_policy(ioc, ports))
-    objects.append(stateful_set(ioc, ports, config, config_hash))
+    objects.append(stateful_set(ioc, ports, config, config_hash,
+                                instance.content_hash(ioc, mounted_config_hash)))
     return objects

@@ -12,6 +12,10 @@ IOC_LABEL = f"{GROUP}/ioc"
 MODE_LABEL = f"{GROUP}/mode"
 MANAGED_BY = "ioc-operator"
 CONFIG_HASH_ANNOTATION = f"{GROUP}/config-hash"
+# The IOC's files (spec.config) roll the pod apart from the gateways' config.
+FILES_HASH_ANNOTATION = f"{GROUP}/files-hash"
+# On a user's ConfigMap: edits to it restart the IOCs that mount it (spec.config).
+CONFIG_LABEL = f"{GROUP}/config"
 
 
 def selector(ioc: IOC) -> dict[str, str]:
@@ -66,6 +70,10 @@ def pvagw_config_name(ioc: IOC) -> str:
 
 def cagw_config_name(ioc: IOC) -> str:
     return f"{ioc.metadata.name}-cagw"
+
+
+def ioc_config_name(ioc: IOC) -> str:
+    return f"{ioc.metadata.name}-config"
 
 
 def autosave_claim_name(ioc: IOC) -> str:

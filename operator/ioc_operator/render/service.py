@@ -33,8 +33,10 @@ def service_ports(ioc: IOC, ports: ResolvedPorts) -> list[dict[str, Any]]:
     return out
 
 
-def service(ioc: IOC, ports: ResolvedPorts) -> dict[str, Any]:
-    return {
+def service(ioc: IOC, ports: ResolvedPorts, cluster_ip: str | None = None) -> dict[str, Any]:
+    """`cluster_ip`: the address a new Service asks for (an existing Service keeps its
+    own: the field is immutable). spec.network.clusterIP wins."""
+    svc: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": names.metadata(ioc, names.service_name(ioc), "ioc"),
@@ -51,3 +53,6 @@ def service(ioc: IOC, ports: ResolvedPorts) -> dict[str, Any]:
             "publishNotReadyAddresses": True,
         },
     }
+    if address := ioc.spec.network.cluster_ip or cluster_ip:
+        svc["spec"]["clusterIP"] = address
+    return svc

@@ -12,8 +12,19 @@ from typing import Any
 from ioc_operator.model.config import OperatorConfig
 from ioc_operator.model.ioc import IOC, CAImplementation, NetworkMode
 
-from . import bridge, cagw, names, pvagw, sidecars
+from . import bridge, cagw, health, instance, names, pvagw
 from .ports import ResolvedPorts
+
+# The IOC container's default securityContext: a soft IOC needs no capability (its
+# ports are above 1024). What real IOCs add: SYS_NICE for EPICS' real-time thread
+# priorities (without it they run at normal priority), IPC_LOCK to lock memory, and
+# device access (a device plugin or privileged) for hardware; spec.securityContext.
+IOC_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+}
+# Container names the operator gives; spec.initContainers/extraContainers may not.
+OPERATOR_CONTAINERS = ("ioc", "pvagw", "cagw", "bridge")
 
 
 def server_env(ioc: IOC, ports: ResolvedPorts) -> list[dict[str, Any]]:
@@ -101,10 +112,9 @@ def ioc_container(ioc: IOC, ports: ResolvedPorts, config: OperatorConfig) -> dic
     resources = spec.resources.model_dump(exclude_defaults=True)
     if resources:
         container["resources"] = resources
-    port = probed_port(ioc, ports)
-    if port is not None:
-        container.update(sidecars.probes(port))
-    mounts = [dict(m) for m in spec.volume_mounts]
+    container.update(health.probes(ioc, ports, probed_port(ioc, ports)))
+    container["securityContext"] = {**IOC_SECURITY_CONTEXT, **(spec.security_context or {})}
+    mounts = [dict(m) for m in spec.volume_mounts] + instance.mounts(ioc)
     if spec.autosave.enabled:
         mounts.append({"name": "autosave", "mountPath": spec.autosave.mount_path})
     if mounts:
@@ -132,7 +142,11 @@ def pod_spec(ioc: IOC, ports: ResolvedPorts, config: OperatorConfig) -> dict[str
     if host:
         pod["hostNetwork"] = True
         pod["dnsPolicy"] = "ClusterFirstWithHostNet"
-    volumes = [dict(v) for v in spec.volumes]
+    if spec.init_containers:
+        pod["initContainers"] = [dict(c) for c in spec.init_containers]
+    if spec.pod_security_context:
+        pod["securityContext"] = dict(spec.pod_security_context)
+    volumes = [dict(v) for v in spec.volumes] + instance.volumes(ioc)
     if spec.autosave.enabled:
         volumes.append(
             {
@@ -148,6 +162,7 @@ def pod_spec(ioc: IOC, ports: ResolvedPorts, config: OperatorConfig) -> dict[str
         volumes += cagw.volumes(ioc)
     if spec.runs_bridge:
         pod["containers"].append(bridge.container(ioc, ports, config))
+    pod["containers"] += [dict(c) for c in spec.extra_containers]
     if volumes:
         pod["volumes"] = volumes
     if sched.node_name:
@@ -168,7 +183,8 @@ def pod_spec(ioc: IOC, ports: ResolvedPorts, config: OperatorConfig) -> dict[str
 
 
 def stateful_set(
-    ioc: IOC, ports: ResolvedPorts, config: OperatorConfig, config_hash: str | None
+    ioc: IOC, ports: ResolvedPorts, config: OperatorConfig, config_hash: str | None,
+    files_hash: str | None = None,
 ) -> dict[str, Any]:
     spec = ioc.spec
     template_labels = {**spec.pod_labels, **names.labels(ioc, "ioc")}
@@ -176,6 +192,8 @@ def stateful_set(
     if config_hash:
         # A changed gateway config must restart the pod: the hash rolls the template.
         annotations[names.CONFIG_HASH_ANNOTATION] = config_hash
+    if files_hash:
+        annotations[names.FILES_HASH_ANNOTATION] = files_hash
     template_meta: dict[str, Any] = {"labels": template_labels}
     if annotations:
         template_meta["annotations"] = annotations
@@ -186,7 +204,10 @@ def stateful_set(
         "spec": {
             "replicas": 0 if spec.suspend else 1,
             "serviceName": names.service_name(ioc),
-            "podManagementPolicy": "OrderedReady",
+            # Parallel: a fixed spec replaces a crash-looping pod at once. OrderedReady
+            # waits for the broken pod to be Ready before it rolls it, so it never does
+            # (the StatefulSet controller's known stuck rollout).
+            "podManagementPolicy": "Parallel",
             "updateStrategy": {"type": "RollingUpdate"},
             "selector": {"matchLabels": names.selector(ioc)},
             "template": {"metadata": template_meta, "spec": pod_spec(ioc, ports, config)},
