@@ -35,8 +35,10 @@ from p4p.asLib.pvlist import PVList
 from p4p.server import DynamicProvider, Server, StaticProvider
 from p4p.server.raw import SharedPV
 
+from ..metrics import MetricsServer, port_arg
 from .bridge_channel import BridgeChannel, ChannelState, InlineContext
 from .ca_wire import name_ok
+from .metrics import BridgeMetrics
 from .ratelog import RateLimitedLog
 
 __all__ = ["Bridge", "BridgeConfig", "SearchBudget", "main", "parse_args"]
@@ -147,6 +149,8 @@ class Bridge:
         self._stop = threading.Event()
         self._puts = threading.BoundedSemaphore(MAX_PUTS)
         self.refused: dict[str, int] = {"names": 0, "channels": 0}
+        self.metrics = BridgeMetrics(self._channel_list, lambda: len(self._published),
+                                     self.refused)
         self._sweeper = threading.Thread(target=self._sweep_loop, name="bridge-sweep",
                                          daemon=True)
         # Two providers (see testChannel): the dynamic one is asked first (order 0) and
@@ -219,7 +223,8 @@ class Bridge:
             channel = BridgeChannel(ca_name, self.ctx, self._workers,
                                     read_only=self.config.read_only,
                                     put_timeout=self.config.put_timeout,
-                                    publish=self._publish, puts=self._puts)
+                                    publish=self._publish, puts=self._puts,
+                                    relayed=self.metrics.updates.inc)
             channel.aliases.add(alias)
             self._channels[ca_name] = channel
         log.debug("looking up %s over CA", ca_name)
@@ -241,8 +246,20 @@ class Bridge:
                     del self._published[name]
                     self.static.remove(name)
 
+    def _channel_list(self) -> list[BridgeChannel]:
+        with self._lock:
+            return list(self._channels.values())
+
     # ------------------------------------------------------------------ DynamicProvider
     def testChannel(self, name: str) -> bool:
+        """PVA search of one name (pvxs asks the providers in turn), counted."""
+        self.metrics.searches.inc()
+        found = self._test_channel(name)
+        if found:
+            self.metrics.answers.inc()
+        return found
+
+    def _test_channel(self, name: str) -> bool:
         """PVA search: claim the name if its CA channel is connected, else start (or wait,
         within the search budget, for) its CA lookup.
 
@@ -402,6 +419,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-channels", type=int, default=MAX_CHANNELS,
                         help="names bridged at once; searches for more new names are not "
                              f"answered until some are dropped ({MAX_CHANNELS})")
+    parser.add_argument("--metrics-port", type=port_arg, default=0, metavar="PORT",
+                        help="serve Prometheus metrics on this TCP port, all addresses "
+                             "(docs/metrics.md); 0, the default: none")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="-v: connections and drops, -vv: every search and put")
     return parser.parse_args(argv)
@@ -451,11 +471,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
+    try:
+        metrics = (MetricsServer(bridge.metrics.registry, args.metrics_port)
+                   if args.metrics_port else None)
+    except OSError as exc:
+        log.error("cannot serve metrics on port %d: %s", args.metrics_port, exc)
+        bridge.close()
+        return 1
     log.warning("bridging CA %s to PVA %s:%d (UDP %d)%s", config.ca_addr_list,
                 config.interface, config.server_port, config.broadcast_port,
                 ", read-only" if config.read_only else "")
     while not stop.wait(3600):
         pass
+    if metrics is not None:
+        metrics.stop()
     bridge.close()
     log.warning("stopped")
     return 0

@@ -73,7 +73,8 @@ class BridgeChannel:
 
     def __init__(self, name: str, ctx: Context, workers: Executor, *, read_only: bool,
                  put_timeout: float, publish: Callable[[BridgeChannel, bool], None],
-                 puts: threading.BoundedSemaphore | None = None) -> None:
+                 puts: threading.BoundedSemaphore | None = None,
+                 relayed: Callable[[], None] = lambda: None) -> None:
         self.name = name
         self.aliases: set[str] = {name}  # PVA names served by this CA channel (pvlist)
         self.state = ChannelState.SEARCHING
@@ -86,6 +87,7 @@ class BridgeChannel:
         self._ctx = ctx
         self._workers = workers
         self._publish = publish  # (self, True) when the CA channel is up, False when not
+        self._relayed = relayed  # called for each update posted (the bridge's metrics)
         self._read_only = read_only
         self._put_timeout = put_timeout
         # Puts queued or running, all channels together: a client sending puts faster
@@ -292,6 +294,7 @@ class BridgeChannel:
             self._last_alarm, self._last_stamp, self._last_value = alarm, stamp, value
             try:
                 _post(self.spv, out)
+                self._relayed()
             except Exception as exc:  # closed by a disconnect or drop in between
                 log.debug("post to %s skipped: %s", self.name, exc)
             finally:
@@ -307,6 +310,7 @@ class BridgeChannel:
             self.state, self._open = ChannelState.CONNECTED, True
             self._last_alarm, self._last_stamp, self._last_value = alarm, stamp, value
             self.spv.open(initial)
+        self._relayed()
         log.debug("serving %s as %s", self.name, spec.type_id)
 
     def _post(self, value: Value) -> None:

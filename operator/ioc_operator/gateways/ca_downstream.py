@@ -305,11 +305,13 @@ class DownCircuit(asyncio.Protocol):
     def _search(self, payload: bytes, cid: int, version: int, reply_flag: int) -> None:
         """A SEARCH over TCP (libca's EPICS_CA_NAME_SERVERS): answered on this circuit."""
         name = w.pv_name(payload)
+        self.gw.tcp_searches += 1
 
         def answer(chan: UpstreamChannel | None) -> None:
             if self.closed:
                 return
             if chan is not None:
+                self.gw.search_answers += 1
                 log.debug("TCP search %s from %s: found", name, self.peer)
                 self.queue(w.search_reply_tcp(self.port, cid))
             elif reply_flag == w.DO_REPLY:
@@ -545,12 +547,14 @@ class SearchServer(asyncio.DatagramProtocol):
     def _search(self, payload: bytes, cid: int, addr: tuple[str, int], sequence: int,
                 replies: list[bytes]) -> None:
         name = w.pv_name(payload)
+        self.gw.udp_searches += 1
         if name is None:
             self.gw.count("bad_names")
             return
         if not self.gw.pvlist.allowed(name):
             return
         if self.gw.upstream.known(name) is not None:  # cached: answer in this datagram
+            self.gw.search_answers += 1
             replies.append(w.search_reply_udp(self.port, cid))
             return
         if not self.gw.may_look_up(name, addr[0]):
@@ -558,6 +562,7 @@ class SearchServer(asyncio.DatagramProtocol):
 
         def answer(chan: UpstreamChannel | None) -> None:
             if chan is not None:
+                self.gw.search_answers += 1
                 log.debug("UDP search %s from %s:%d: found", name, *addr)
                 self._answers.setdefault((addr, sequence), []).append(
                     w.search_reply_udp(self.port, cid))

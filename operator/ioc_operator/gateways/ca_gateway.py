@@ -26,12 +26,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..metrics import Collected, CollectorRegistry, MetricsServer, port_arg
 from .ca_downstream import DownCircuit, SearchServer, bind_udp
 from .ca_pvlist import PVList, PVListError, load_pvlist
 from .ca_upstream import Flusher, Upstream
 from .ca_wire import ACCESS_READ, ACCESS_WRITE
 from .ca_wire import MAX_PAYLOAD as MAX_UPSTREAM_MESSAGE
 from .limits import Buckets, CircuitLimit
+from .metrics import ca_gateway_families
 from .ratelog import RateLimitedLog
 
 __all__ = ["Gateway", "GatewayConfig", "main", "parse_args", "serve"]
@@ -67,6 +69,7 @@ class GatewayConfig:
     max_subscriptions: int = 200_000  # client subscriptions, all circuits together
     max_lookups: int = 5_000  # names being looked up on the IOC at once
     max_message_bytes: int = 16 * 1024 * 1024  # largest request from a client (a put)
+    metrics_port: int = 0  # Prometheus metrics on this TCP port (0: none)
 
 
 class Gateway:
@@ -92,6 +95,13 @@ class Gateway:
         self.subscriptions = 0  # client subscriptions, all circuits
         self.buffered = 0  # bytes of unfinished client requests, all circuits
         self.stats: Counter[str] = Counter()  # what was refused, dropped or ignored
+        # Client searches (UDP, TCP) and those answered: plain ints on the hot path,
+        # read by the metrics at scrape time (gateways/metrics.py)
+        self.udp_searches = 0
+        self.tcp_searches = 0
+        self.search_answers = 0
+        self.registry = CollectorRegistry()
+        self.registry.register(Collected(lambda: ca_gateway_families(self)))
         # -ro removes write access whatever the IOC grants; read access is the IOC's.
         self._mask = ACCESS_READ | (0 if config.read_only else ACCESS_WRITE)
         self._servers: list[asyncio.Server] = []
@@ -254,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-max_message_bytes", type=_count, default=limits.max_message_bytes,
                         metavar="N", help="largest request a client may send; a larger one "
                         f"closes its circuit (default {limits.max_message_bytes})")
+    parser.add_argument("-metrics_port", "--metrics-port", dest="metrics_port", type=port_arg,
+                        default=0, metavar="PORT",
+                        help="serve Prometheus metrics on this TCP port, all addresses "
+                        "(docs/metrics.md; not a ca-gateway flag); 0, the default: none")
     parser.add_argument("-v", action="count", default=0, help="log activity (-v -v: debug)")
     return parser
 
@@ -285,6 +299,7 @@ def parse_args(argv: Sequence[str] | None = None) -> GatewayConfig:
         max_subscriptions=args.max_subscriptions,
         max_lookups=args.max_lookups,
         max_message_bytes=min(args.max_message_bytes, MAX_UPSTREAM_MESSAGE),
+        metrics_port=args.metrics_port,
     )
 
 
@@ -297,13 +312,19 @@ async def serve(config: GatewayConfig,
         loop.add_signal_handler(sig, stop.set)
     gateway = Gateway(config, loop)
     loop.add_signal_handler(signal.SIGUSR1, gateway.log_stats)
+    metrics: MetricsServer | None = None
     try:
         await gateway.start()
+        if config.metrics_port:
+            metrics = MetricsServer(gateway.registry, config.metrics_port)
+            log.info("metrics on port %d", metrics.port)
         if on_ready is not None:
             on_ready(gateway)
         await stop.wait()
         log.info("stopping")
     finally:
+        if metrics is not None:
+            metrics.stop()
         await gateway.stop()
 
 

@@ -356,6 +356,9 @@ class UpstreamCircuit(asyncio.Protocol):
             if sub is None:  # a cancel confirmation, or an update racing it
                 return
             sub.last = (data_type, count, p1, payload)
+            hub = self.hub
+            hub.updates_in += 1
+            hub.updates_out += len(sub.listeners)
             size = len(payload)
             if size < w.LARGE and count < w.LARGE:
                 pack_header = w.pack_header
@@ -464,6 +467,11 @@ class Upstream:
         self.max_lookups = max_lookups
         self.count = count  # the gateway's counters
         self.congested = 0  # upstream circuits the IOC does not read fast enough
+        # Monitor updates from the IOC, and copies of them queued to clients (a client
+        # that does not read gets only the latest of each subscription): plain ints,
+        # read by the metrics at scrape time
+        self.updates_in = 0
+        self.updates_out = 0
         self.on_uncongested: Callable[[], None] = lambda: None
         self.waiting = 0  # waiters of all lookups together
         # Search replies are taken only from where searches go: anyone on the network
