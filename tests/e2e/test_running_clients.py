@@ -63,8 +63,9 @@ def test_running_clients_reach_an_ioc_created_after_they_started(
 
 def test_running_clients_reach_an_ioc_again_after_it_is_re_created(
         kubectl: Kubectl, client: ClientPod, watches: list[Watch]) -> None:
-    """Deleted and created again under the same name: a new pod IP and a new ClusterIP.
-    libca searches a lost channel again after its disconnect governor (10 s)."""
+    """Deleted and created again under the same name: a new pod, the same ClusterIP
+    (derived from namespace/name). libca searches a lost channel again after its
+    disconnect governor (10 s)."""
     kubectl.apply([ioc("nsc-again")])
     kubectl("-n", NAMESPACE, "wait", "--for=condition=Ready", "ioc/nsc-again",
             "--timeout=120s", timeout=130)
@@ -80,6 +81,7 @@ def test_running_clients_reach_an_ioc_again_after_it_is_re_created(
     kubectl.apply([ioc("nsc-again")])
     wait_for("the new Service", lambda: kubectl.get("service", "nsc-again", NAMESPACE), 30)
     new_ip = kubectl.get("service", "nsc-again", NAMESPACE)["spec"]["clusterIP"]
+    assert new_ip == old_ip
     for watch in watches:
         wait_for(f"{watch.lib} to read {pv} again", lambda w=watch: w.seen(
             "value", pv, after=recreated), REACH_S + 15)
