@@ -156,3 +156,21 @@ def test_the_ioc_container_runs_locked_down_and_init_containers_run_first(
     assert fields["NoNewPrivs"].strip() == "1"
     assert "65532" in fields["Groups"]
     assert client.run("caproto", "get", ["FACLOCK:value"])["ok"]
+
+
+def test_kubectl_rollout_restart_restarts_the_ioc_and_the_operator_keeps_it(
+        kubectl: Kubectl, client: ClientPod) -> None:
+    """kubectl's restartedAt annotation is kubectl's field: the operator's apply leaves
+    it, so the restart is not reverted."""
+    old = kubectl.get("pod", "fac-anchor-0", NAMESPACE)["metadata"]["uid"]
+    kubectl("-n", NAMESPACE, "rollout", "restart", "statefulset/fac-anchor")
+    wait_for("a new pod", lambda: (kubectl.get("pod", "fac-anchor-0", NAMESPACE) or {}).get(
+        "metadata", {}).get("uid") not in (None, old), 60)
+    kubectl("-n", NAMESPACE, "wait", "--for=condition=Ready", "ioc/fac-anchor",
+            "--timeout=60s", timeout=70)
+    wait_for("read again", lambda: client.run("pyepics", "get", ["FACANCHOR:value"])["ok"], 30)
+    time.sleep(3)  # a revert by the operator would roll the pod once more
+    sts = kubectl.get("statefulset", "fac-anchor", NAMESPACE)
+    assert "kubectl.kubernetes.io/restartedAt" in sts["spec"]["template"]["metadata"][
+        "annotations"]
+    assert kubectl.get("pod", "fac-anchor-0", NAMESPACE)["status"]["phase"] == "Running"
