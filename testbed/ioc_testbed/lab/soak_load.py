@@ -16,7 +16,8 @@ Roles:
   server, open a circuit to the gateway it names, create the channels, read each, put
   ``value``, subscribe to ``tick`` until one update, close the circuit. caproto's
   message classes frame every message; the sockets are plain, so nothing is left over
-  from one cycle to the next.
+  from one cycle to the next. Each report carries the time (ms) each search took until
+  every name was answered (the name server's latency).
 * ``pva-churn``: over and over: a new p4p context, get ``--names`` random names, put
   ``value``, close the context.
 * ``latency``: one CA circuit to the gateway reading ``value`` every 20 ms and one p4p
@@ -226,15 +227,18 @@ def ca_churn(args: argparse.Namespace) -> None:
     report = Reporter(args.report)
     counts = {"cycles": 0, "errors": 0, "channels": 0}
     errors: dict[str, int] = {}
+    searches: list[float] = []  # ms until the name server had answered every name
     end = time.monotonic() + args.seconds
     while time.monotonic() < end:
         names = [f"{args.prefix}pv{rng.randrange(args.pvs)}" for _ in range(args.names)]
         names = [*dict.fromkeys(names), args.prefix + "value", args.prefix + "tick"]
         circuit = None
         try:
+            started = time.perf_counter()
             where = search(names)
             if len(where) < len(names):
                 raise CaError(f"{len(names) - len(where)} names not found")
+            searches.append(round((time.perf_counter() - started) * 1e3, 3))
             circuit = Circuit(where[names[0]])
             sids = {name: circuit.create(name, cid)
                     for cid, name in enumerate(names, start=1)}
@@ -258,9 +262,11 @@ def ca_churn(args: argparse.Namespace) -> None:
                 circuit.close()
         time.sleep(args.pause)
         if report.due():
-            emit({"role": args.role, "t": time.time(), **counts, "why": errors})
+            emit({"role": args.role, "t": time.time(), **counts, "why": errors,
+                  "search": searches})
             counts = dict.fromkeys(counts, 0)
             errors = {}
+            searches = []
 
 
 def pva_churn(args: argparse.Namespace) -> None:
