@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup system-deps controlplane demo test unit lint bench bench-node bench-lab crd clean
+.PHONY: setup system-deps controlplane demo test unit lint bench bench-node bench-lab soak crd clean
 
 $(VENV)/.installed: pyproject.toml testbed/pyproject.toml
 	python3 -m venv $(VENV)
@@ -64,6 +64,10 @@ bench-lab: setup system-deps
 	$(PY) -m benchmarks.bench_ca_gateway
 	$(PY) -m benchmarks.bench_bridge
 	$(PY) -m benchmarks.bench_discovery
+
+## soak: an hour of mixed load on the CA gateway, bridge and name server (root); writes docs/soak.md
+soak: setup system-deps
+	$(PY) -m benchmarks.soak
 
 ## crd: regenerate crds/ from the model
 crd: setup
