@@ -61,7 +61,7 @@ def proc_table(figures: dict[str, Any]) -> str:
 def latency_table(figures: dict[str, Any]) -> str:
     names = {"ca": "CA get, latency pod → gateway → IOC",
              "pva": "PVA get, latency pod → bridge → IOC",
-             "search": "CA search of 12 names at the name server (UDP, until all answered)"}
+             "search": "CA search of up to 12 names at the name server (UDP, until all answered)"}
     rows = ["| what (ms) | p50 start | p99 start | p50 end | p99 end | p50 / p99 / max "
             "outside restarts | p99 / max with restarts | measured | failed (outside / "
             "in restarts) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -113,16 +113,16 @@ def load_lines(result: SoakResult, figures: dict[str, Any]) -> list[str]:
 
 
 def render(result: SoakResult, figures: dict[str, Any], wall: float, args: str,
-           note: str) -> str:
+           note: str, commit: str, when: str) -> str:
     cfg = result.config
     minutes = result.duration / 60
     length = (f"{minutes:.0f} minutes of load" if result.duration >= TARGET - 60 else
               f"**{minutes:.0f} minutes of load only: the target is an hour**")
-    head = (f"Run {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC by "
+    head = (f"Run {when} UTC by "
             f"`sudo .venv/bin/python -m benchmarks.soak{args}`: {length} "
             f"({wall:.0f} s with set-up and teardown), {len(result.restarts)} IOC restarts. "
             f"{platform.machine()}, {os.cpu_count()} cores, Python "
-            f"{platform.python_version()}, commit {_commit()}; 1-min load average "
+            f"{platform.python_version()}, commit {commit}; 1-min load average "
             f"{figures['loadavg']['mean']:.1f} on average, {figures['loadavg']['max']:.1f} at "
             "most (the IOC, the three processes, the five load clients and anything else on "
             "the machine share these cores)." + (f" {note}" if note else ""))
@@ -140,11 +140,16 @@ def render(result: SoakResult, figures: dict[str, Any], wall: float, args: str,
 
 
 def _commit() -> str:
+    """HEAD, marked if the code under test (operator/, testbed/) has changes not in it."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True, cwd=DOC.parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "operator", "testbed"],
+                               capture_output=True, text=True, check=True,
+                               cwd=DOC.parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "?"
+    return f"{head} (with uncommitted changes)" if dirty else head
 
 
 def write_doc(text: str) -> None:
@@ -174,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         raw = json.loads(args.from_raw.read_text())
         raw.pop("figures", None)
         wall = raw.pop("wall", 0.0)
+        commit = raw.pop("commit", "?")
+        when = raw.pop("when", "?")
         result = SoakResult(**{**raw, "restarts": [tuple(r) for r in raw["restarts"]]})
         figures = summary(result)
     else:
@@ -181,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             print("the soak runs in the network lab: it needs root", file=sys.stderr)
             return 2
         warmup = args.warmup if args.warmup is not None else min(120.0, args.seconds / 5)
+        commit = _commit()  # of the code that runs (HEAD may move meanwhile)
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
         started = time.monotonic()
         result = run_soak(SoakConfig(seconds=args.seconds, sample=args.sample,
                                      report=args.sample, warmup=warmup,
@@ -188,9 +197,10 @@ def main(argv: list[str] | None = None) -> int:
                                      rss_bound=args.rss_bound))
         wall = time.monotonic() - started
         if args.raw:
-            args.raw.write_text(json.dumps({**result.as_json(), "wall": wall}))
+            args.raw.write_text(json.dumps({**result.as_json(), "wall": wall,
+                                            "commit": commit, "when": when}))
         figures = summary(result)
-    text = render(result, figures, wall, extra, args.note)
+    text = render(result, figures, wall, extra, args.note, commit, when)
     print(text)
     if not args.no_write:
         write_doc(text)

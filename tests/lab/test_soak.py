@@ -10,8 +10,9 @@ subscribe and disconnect over and over, and a latency probe (CA and PVA gets).
 
 Bounds (stated here, checked below; a minute cannot show a slow leak, the hour can):
 * every process under test alive at the end, every load client reported to the end;
-* RSS after the 20 s warm-up: the median of the last 8 s at most RSS_GROWTH_MB above
-  the median of the first 8 s, and never more than RSS_PEAK_MB above it;
+* RSS after the 20 s warm-up: the median of the last three samples (6 s) at most
+  RSS_GROWTH_MB above the median of the first three, and never more than RSS_PEAK_MB
+  above it;
 * open fds: end at most FD_GROWTH above start;
 * client errors outside the IOC restart (and the 15 s after it): at most
   ERRORS_OUTSIDE in all; during it at most ERRORS_RESTART; both monitors connected and
