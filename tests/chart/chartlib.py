@@ -102,6 +102,11 @@ class ChartOperator(OperatorProcess):
         self.liveness_path = "/" + chart_url.split("/", 3)[3]
         # The chart listens on 0.0.0.0 (the kubelet probes the pod IP); here: loopback.
         args[i + 1] = f"http://127.0.0.1:{self.liveness_port}{self.liveness_path}"
+        self.metrics_port: int | None = None
+        if "--metrics-port" in args:  # likewise the metrics endpoint, on a free port
+            self.metrics_port = free_port()
+            args[args.index("--metrics-port") + 1] = str(self.metrics_port)
+            args += ["--metrics-address", "127.0.0.1"]
         env = {e["name"]: e["value"] for e in container.get("env") or []}
         env |= {"HOME": os.environ.get("HOME", "/tmp"), "NO_PROXY": "127.0.0.1"}
         super().__init__(kubeconfig, log_path, args=[*args, "--verbose"], env=env,

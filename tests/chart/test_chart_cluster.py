@@ -593,7 +593,7 @@ def test_name_server_reads_iocs_and_nothing_else(chart_plane, admin, install, tm
     argv = [sys.executable, "-m", "ioc_operator.nameserver.main", *c["args"],
             "--kubeconfig", str(kubeconfig), "--listen", "127.0.0.1",
             "--ca-port", str(ports[0]), "--pva-port", str(ports[1]),
-            "--pva-udp-port", str(ports[2])]
+            "--pva-udp-port", str(ports[2]), "--metrics-port", str(free_port())]
     log_path = tmp_path / "name-server.log"
     main = rel.iocs_in[0]
     with log_path.open("wb") as log:

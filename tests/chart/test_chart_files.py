@@ -309,3 +309,114 @@ def test_build_helm_pins_a_helm_v3(helm):
     assert re.fullmatch(r"v3\.\d+\.\d+", pinned_version)
     assert helm("version", "--template", "{{.Version}}").stdout.strip() == pinned_version
     assert helm.binary.parent.name == f"helm-{pinned_version}"
+
+
+# ----------------------------------------------------------------------- metrics
+
+
+def service_named(objects: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    (svc,) = [s for s in by_kind(objects, "Service") if s["metadata"]["name"] == name]
+    return svc
+
+
+def metrics_port_of(c: dict[str, Any]) -> dict[str, Any]:
+    (port,) = [p for p in c["ports"] if p["name"] == "metrics"]
+    return port
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_metrics_endpoints_and_services_by_default(helm):
+    """The operator and every name server serve metrics where their Services and the
+    CLI say: the flag's port is the container port `metrics`, which each ClusterIP
+    Service targets by name; no ServiceMonitor unless asked."""
+    objects = helm.template("ioc-operator", "ioc-system")
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["metrics"]
+    for component, parse, svc_name, port in (
+            ("operator", parser(), "ioc-operator-metrics", values["port"]),
+            ("name-server", name_server_parser(), "ioc-operator-name-server-metrics",
+             values["nameServerPort"])):
+        c = container(objects, component)
+        args = parse.parse_args(c["args"])
+        assert args.metrics_port == port
+        assert metrics_port_of(c) == {"name": "metrics", "containerPort": port,
+                                      "protocol": "TCP"}
+        svc = service_named(objects, svc_name)
+        assert svc["spec"]["type"] == "ClusterIP"
+        assert svc["spec"]["ports"] == [{"name": "metrics", "protocol": "TCP", "port": port,
+                                         "targetPort": "metrics"}]
+        pod_labels = deployment_of(objects, component)["spec"]["template"]["metadata"][
+            "labels"]
+        assert selects(svc["spec"]["selector"], pod_labels)
+        # the other component's pods are not selected
+        other = "name-server" if component == "operator" else "operator"
+        assert not selects(svc["spec"]["selector"], deployment_of(objects, other)[
+            "spec"]["template"]["metadata"]["labels"])
+    # never on the name service's own Service (it may be reachable from outside)
+    epics = service_named(objects, "ioc-operator-name-server")
+    assert "metrics" not in {p["name"] for p in epics["spec"]["ports"]}
+    # the metrics port is not the liveness port
+    c = container(objects)
+    assert metrics_port_of(c)["containerPort"] != c["livenessProbe"]["httpGet"]["port"]
+    assert not by_kind(objects, "ServiceMonitor")
+
+
+def name_server_parser() -> Any:
+    from ioc_operator.nameserver.main import build_parser
+
+    return build_parser()
+
+
+def test_service_monitor_when_enabled(helm):
+    values = {"metrics": {"serviceMonitor": {"enabled": True, "interval": "15s",
+                                             "labels": {"release": "prometheus"}}}}
+    objects = helm.template("epics", "epics-ops", values)
+    (monitor,) = by_kind(objects, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == "epics-ops"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    spec = monitor["spec"]
+    assert spec["namespaceSelector"] == {"matchNames": ["epics-ops"]}
+    assert spec["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s",
+                                  "scrapeTimeout": "10s"}]
+    selected = [s["metadata"]["name"] for s in by_kind(objects, "Service")
+                if selects(spec["selector"]["matchLabels"], s["metadata"]["labels"])]
+    assert sorted(selected) == ["epics-ioc-operator-metrics",
+                                "epics-ioc-operator-name-server-metrics"]
+    # without the name service: the operator's alone
+    objects = helm.template("epics", "epics-ops", {**values, "nameService": {"enabled": False}})
+    (monitor,) = by_kind(objects, "ServiceMonitor")
+    assert [s["metadata"]["name"] for s in by_kind(objects, "Service")
+            if selects(monitor["spec"]["selector"]["matchLabels"],
+                       s["metadata"]["labels"])] == ["epics-ioc-operator-metrics"]
+
+
+def test_metrics_disabled(helm):
+    objects = helm.template("ioc-operator", "ioc-system", {"metrics": {"enabled": False}})
+    for component in ("operator", "name-server"):
+        c = container(objects, component)
+        assert "--metrics-port" not in c["args"]
+        assert "metrics" not in {p["name"] for p in c["ports"]}
+    assert not [s for s in by_kind(objects, "Service")
+                if s["metadata"]["name"].endswith("-metrics")]
+    assert parser().parse_args(container(objects)["args"]).metrics_port == 0
+
+
+@pytest.mark.parametrize(("values", "words"), [
+    ({"metrics": {"port": 8080}}, "metrics.port must differ from liveness.port"),
+    ({"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}},
+     "metrics.serviceMonitor.enabled needs metrics.enabled"),
+    ({"metrics": {"nameServerPort": 5064}}, "metrics.nameServerPort must not be one"),
+    ({"metrics": {"port": 80}}, "/metrics/port"),
+    ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "/metrics/serviceMonitor/interval"),
+    ({"metrics": {"servicemonitor": {"enabled": True}}}, "servicemonitor"),
+], ids=["liveness-port", "monitor-without-metrics", "epics-port", "low-port", "interval",
+        "unknown-key"])
+def test_bad_metrics_values_are_refused(helm, values, words):
+    path = helm.home / "bad-metrics.yaml"
+    path.write_text(yaml.safe_dump(values))
+    done = helm("template", "x", str(CHART), "--values", str(path), check=False)
+    assert done.returncode != 0, done.stdout
+    assert words in done.stderr, done.stderr

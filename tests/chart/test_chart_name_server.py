@@ -16,6 +16,12 @@ NAME = "ioc-operator-name-server"
 READ_IOCS = {("epics-operator.io", "iocs", v) for v in ("get", "list", "watch")}
 
 
+def epics_services(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The name service's Service (not the name servers' metrics Service)."""
+    return [s for s in of(objects, "Service", "name-server")
+            if not s["metadata"]["name"].endswith("-metrics")]
+
+
 def of(objects: list[dict[str, Any]], kind: str, component: str) -> list[dict[str, Any]]:
     return [o for o in by_kind(objects, kind)
             if o["metadata"]["labels"]["app.kubernetes.io/component"] == component]
@@ -54,13 +60,15 @@ def test_default_name_service(helm):
     args = build_parser().parse_args(c["args"])
     assert args.kubernetes and args.namespace == [] and args.internal_network == []
     ports = {(p["containerPort"], p["protocol"]) for p in c["ports"]}
-    assert ports == {(5064, "TCP"), (5064, "UDP"), (5075, "TCP"), (5076, "UDP")}
+    # the EPICS ports, and Prometheus metrics (test_chart_files.py)
+    assert ports == {(5064, "TCP"), (5064, "UDP"), (5075, "TCP"), (5076, "UDP"),
+                     (args.metrics_port, "TCP")}
     assert c["readinessProbe"]["tcpSocket"]["port"] == "ca-tcp"
     # replicas apart
     anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
     assert anti[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
 
-    (service,) = of(objects, "Service", "name-server")
+    (service,) = epics_services(objects)
     assert service["metadata"]["name"] == NAME
     assert service["spec"]["type"] == "ClusterIP" and "clusterIP" not in service["spec"]
     assert {(p["port"], p["targetPort"], p["protocol"]) for p in service["spec"]["ports"]} == {
@@ -122,7 +130,7 @@ def test_pinned_address_exposure_and_outside_clients(helm):
                                                       "pvaUdp": 30076}},
         "replicas": 3, "verbose": True, "extraArgs": ["--cache-size", "500000"]}}
     objects = helm.template("ioc-operator", "ioc-system", values)
-    (service,) = of(objects, "Service", "name-server")
+    (service,) = epics_services(objects)
     spec = service["spec"]
     assert spec["clusterIP"] == "198.19.0.53" and spec["type"] == "NodePort"
     assert spec["externalTrafficPolicy"] == "Local"  # clients' own addresses reach it
@@ -137,8 +145,7 @@ def test_pinned_address_exposure_and_outside_clients(helm):
     assert args.verbose == 2 and args.cache_size == 500000
     # LoadBalancer: no node ports pinned, same traffic policy
     values["nameService"]["service"] = {"type": "LoadBalancer"}
-    (service,) = of(helm.template("ioc-operator", "ioc-system", values), "Service",
-                    "name-server")
+    (service,) = epics_services(helm.template("ioc-operator", "ioc-system", values))
     assert service["spec"]["externalTrafficPolicy"] == "Local"
     assert not any("nodePort" in p for p in service["spec"]["ports"])
     # an explicit address wins over the ClusterIP

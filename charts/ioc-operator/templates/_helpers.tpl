@@ -50,6 +50,15 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- if gt (int .Values.hostPorts.min) (int .Values.hostPorts.max) -}}
 {{- fail "hostPorts.min must not exceed hostPorts.max" -}}
 {{- end -}}
+{{- if and .Values.metrics.enabled (eq (int .Values.metrics.port) (int .Values.liveness.port)) -}}
+{{- fail "metrics.port must differ from liveness.port (both are the operator's)" -}}
+{{- end -}}
+{{- if and .Values.metrics.enabled (has (int .Values.metrics.nameServerPort) (list 5064 5075 5076)) -}}
+{{- fail "metrics.nameServerPort must not be one of the name server's EPICS ports (5064, 5075, 5076)" -}}
+{{- end -}}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) -}}
+{{- fail "metrics.serviceMonitor.enabled needs metrics.enabled" -}}
+{{- end -}}
 {{- end -}}
 
 {{/*
@@ -117,4 +126,9 @@ chart's tests record every request it makes against a real API server).
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
   verbs: [list, watch]
+{{- end -}}
+
+{{/* On the metrics Services: what the ServiceMonitor selects. */}}
+{{- define "ioc-operator.metricsLabel" -}}
+epics-operator.io/metrics: "true"
 {{- end -}}
