@@ -103,7 +103,7 @@ def test_bridge_counters_and_gauges():
         metrics.searches.inc(3)
         metrics.answers.inc(2)
         for _ in range(5):
-            metrics.updates.inc()
+            metrics.relayed()
         refused["names"] += 1
         got = scrape(server.url)
     finally:

@@ -224,7 +224,7 @@ class Bridge:
                                     read_only=self.config.read_only,
                                     put_timeout=self.config.put_timeout,
                                     publish=self._publish, puts=self._puts,
-                                    relayed=self.metrics.updates.inc)
+                                    relayed=self.metrics.relayed)
             channel.aliases.add(alias)
             self._channels[ca_name] = channel
         log.debug("looking up %s over CA", ca_name)

@@ -3,8 +3,11 @@
 The CA gateway is one asyncio loop answering searches and fanning out monitor updates:
 it counts in plain ints (`Gateway.udp_searches`, `Upstream.updates_out`, ...) and
 `ca_gateway_families` reads them at scrape time, on the metrics server's thread. The
-bridge is threaded (pvxs and caproto call it on their own threads): it counts with
-prometheus_client's Counters, whose lock is nothing beside a PVA post.
+bridge is threaded (pvxs and caproto call it on their own threads): searches, asked on
+pvxs's threads, are counted with prometheus_client's Counters (thread-safe); updates,
+the bridge's hot path, in a plain int (`BridgeMetrics.relayed`): they all arrive on
+caproto's one receive thread of the IOC's circuit, and a Counter.inc() (its lock) cost
+~1 us here, 20 times an int increment.
 """
 
 from __future__ import annotations
@@ -86,15 +89,19 @@ class BridgeMetrics:
                                 "the bridge's search provider)", registry=self.registry)
         self.answers = Counter(f"{BRIDGE}_search_answers", "PVA searches answered (the "
                                "name's CA channel is connected)", registry=self.registry)
-        self.updates = Counter(f"{BRIDGE}_updates_relayed", "CA monitor updates posted to "
-                               "PVA (one per update, whatever the number of PVA clients)",
-                               registry=self.registry)
+        self.updates = 0  # CA updates posted to PVA (relayed() on caproto's thread)
         self._channels = channels
         self._names = names
         self._refused = refused
         self.registry.register(Collected(self._gauges))
 
+    def relayed(self) -> None:
+        self.updates += 1
+
     def _gauges(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(f"{BRIDGE}_updates_relayed", "CA monitor updates posted "
+                                  "to PVA (one per update, whatever the number of PVA "
+                                  "clients)", value=self.updates)
         channels = self._channels()
         states = Tally(c.state.value for c in channels)
         by_state = GaugeMetricFamily(f"{BRIDGE}_channels", "CA channels bridged, by state",
