@@ -55,13 +55,13 @@ def test_a_recreated_ioc_keeps_its_cluster_ip(kube, operator, namespace):
 
 
 def test_a_taken_derived_address_falls_to_the_next_candidate(kube, operator, namespace):
-    first, second = clusterip.candidates(namespace, "crowded", SERVICE_CIDR)[:2]
+    first, second = clusterip.candidates(namespace, "squeezed", SERVICE_CIDR)[:2]
     kube.create({"apiVersion": "v1", "kind": "Service",
                  "metadata": {"name": "squatter", "namespace": namespace},
                  "spec": {"clusterIP": first, "ports": [{"port": 80}]}})
-    kube.create(ioc_manifest("crowded", namespace))
-    wait_for("reconcile", lambda: reconciled(kube, namespace, "crowded"))
-    assert service_ip(kube, namespace, "crowded") == second
+    kube.create(ioc_manifest("squeezed", namespace))
+    wait_for("reconcile", lambda: reconciled(kube, namespace, "squeezed"))
+    assert service_ip(kube, namespace, "squeezed") == second
 
 
 def test_an_explicit_address_taken_is_a_condition_and_a_change_recreates(

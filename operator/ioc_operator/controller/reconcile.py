@@ -140,7 +140,8 @@ def reconcile(kube: Kube, body: dict[str, Any], config: OperatorConfig,
     for obj in sorted(objects, key=lambda o: o["kind"] != "Service"):
         if obj["kind"] == "Service":
             try:
-                results.append(_apply_service(kube, ioc, obj, candidates[1:], notes))
+                results.append(_apply_service(kube, ioc, obj, candidates[1:], notes,
+                                              reclaim.get(_key(obj))))
             except KubeError as exc:
                 if not _address_taken(exc):
                     raise
@@ -198,7 +199,7 @@ def _address_changed(exc: KubeError) -> bool:
 
 
 def _apply_service(kube: Kube, ioc: IOC, obj: dict[str, Any], more: list[str],
-                   notes: list[str]) -> dict[str, Any]:
+                   notes: list[str], reclaim: dict[str, Any] | None) -> dict[str, Any]:
     """Apply the Service. A derived address another Service holds: the next candidate,
     then Kubernetes' choice. An existing Service with another address: it keeps it
     (derived) or is re-created (a new spec.network.clusterIP). Bounded: each step
@@ -207,7 +208,7 @@ def _apply_service(kube: Kube, ioc: IOC, obj: dict[str, Any], more: list[str],
     recreated = False
     for _ in range(len(more) + 3):
         try:
-            return kube.apply(obj)
+            return _apply(kube, obj, reclaim)  # hand-edited ports: drift.py
         except KubeError as exc:
             if _address_taken(exc) and not explicit:
                 obj = service(ioc, resolve_ports(ioc.spec), more.pop(0) if more else None)
@@ -224,7 +225,8 @@ def _apply_service(kube: Kube, ioc: IOC, obj: dict[str, Any], more: list[str],
                 obj = service(ioc, resolve_ports(ioc.spec), None)
             else:
                 raise
-    return kube.apply(obj)
+            reclaim = None  # applied already, or about the Service just deleted
+    return _apply(kube, obj, None)
 
 
 def _key(obj: dict[str, Any]) -> str:
