@@ -350,7 +350,9 @@ def _observe(kube: Kube, ioc: IOC, applied: list[dict[str, Any]]) -> Observed:
     pods = kube.list("v1", "Pod", ioc.metadata.namespace,
                      f"{names.IOC_LABEL}={ioc.metadata.name}") if sts_status.get(
         "replicas") else []
-    pod = pods[0] if pods else None
+    # A terminating pod is on its way out (after a node move it may wait for a node
+    # that is gone): the IOC's address is where its next pod goes.
+    pod = next((p for p in pods if not p["metadata"].get("deletionTimestamp")), None)
     if pod:
         observed.node = pod.get("spec", {}).get("nodeName")
         observed.ioc_container = next(
