@@ -119,20 +119,22 @@ def _udp_socket(target: str, port: int) -> socket.socket:
     return sock
 
 
-def _ca_udp(target: str, names: Sequence[str], seconds: float) -> dict[str, Any]:
+def _ca_udp(target: str, names: Sequence[str], seconds: float,
+            port: int = CA_PORT) -> dict[str, Any]:
     """Datagrams of 25 searches, as libca packs them; a reply is a VERSION, then 24
     bytes per answer."""
     batches = _batches(names, 25)
     requests = [CA_VERSION + b"".join(_ca_search(n, i + k) for k, n in enumerate(part))
                 for i, part in batches]
-    return _windowed(_udp_socket(target, CA_PORT), requests, [len(p) for _, p in batches],
+    return _windowed(_udp_socket(target, port), requests, [len(p) for _, p in batches],
                      lambda data: (len(data) - 16) // 24, seconds)
 
 
-def _ca_tcp(target: str, names: Sequence[str], seconds: float) -> dict[str, Any]:
+def _ca_tcp(target: str, names: Sequence[str], seconds: float,
+            port: int = CA_PORT) -> dict[str, Any]:
     """libca's name-server circuit: one search message per name, written 100 at a time
     (a short write is finished before anything else); 16 bytes per answer."""
-    sock = socket.create_connection((target, CA_PORT), timeout=5)
+    sock = socket.create_connection((target, port), timeout=5)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.recv(16)  # the server's VERSION
     sock.sendall(CA_VERSION)
@@ -167,11 +169,12 @@ def _ca_tcp(target: str, names: Sequence[str], seconds: float) -> dict[str, Any]
                      answers, seconds)
 
 
-def _pva_udp(target: str, names: Sequence[str], seconds: float) -> dict[str, Any]:
+def _pva_udp(target: str, names: Sequence[str], seconds: float,
+             port: int = PVA_UDP_PORT) -> dict[str, Any]:
     """Search messages of 50 names; a response is 49 bytes, then 4 per cid."""
     from ioc_operator.nameserver import pva
 
-    sock = _udp_socket(target, PVA_UDP_PORT)
+    sock = _udp_socket(target, port)
     port = sock.getsockname()[1]
     batches = _batches(names, 50)
     requests = [pva.encode_search(i, [(i + k, n) for k, n in enumerate(part)], port,

@@ -199,7 +199,6 @@ class _UdpListener(asyncio.DatagramProtocol):
         item = self._item(ioc, cid)
         if item is None or not (internal or ioc.external):
             return
-        self.server.stats[self.answers] += 1
         entry = self._replies.get((addr, ioc))
         if entry is None:
             self._replies[(addr, ioc)] = (sequence, [item])
@@ -214,9 +213,12 @@ class _UdpListener(asyncio.DatagramProtocol):
         replies, self._replies = self._replies, {}
         if self.transport is None or self.transport.is_closing():
             return
+        answered = 0  # counted here, once per flush, not per answer (the hot path)
         for (addr, ioc), (sequence, items) in replies.items():
+            answered += len(items)
             for datagram in self._datagrams(ioc, sequence, items):
                 self.transport.sendto(datagram, addr)
+        self.server.stats[self.answers] += answered
 
     def _item(self, ioc: IOC, cid: int) -> Any:
         """What one answer adds to a reply (None: this IOC does not serve the protocol)."""
