@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ioc_operator.controller.kube import Kube
+from ioc_testbed.controlplane import free_port
 from ioc_testbed.operator_process import OperatorProcess
 from ioc_testbed.waiting import wait_for
 
@@ -62,5 +63,9 @@ class Operator(OperatorProcess):
     def __init__(self, kubeconfig: Path, log_dir: Path) -> None:
         # IOCs deleted while the watch was down (test_faults) leave the directory
         # within one resync period: 10 s here, 60 s by default.
-        super().__init__(kubeconfig, log_dir / "operator.log", args=("run", "-v"),
+        # Prometheus metrics on a free loopback port (test_metrics.py scrapes them).
+        self.metrics_port = free_port()
+        super().__init__(kubeconfig, log_dir / "operator.log",
+                         args=("run", "-v", "--metrics-port", str(self.metrics_port),
+                               "--metrics-address", "127.0.0.1"),
                          env={"IOC_OPERATOR_RESYNC_SECONDS": "10"})
