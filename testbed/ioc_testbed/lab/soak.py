@@ -217,6 +217,14 @@ class _Site:
         self.db = lab.tmpdir / "soak.db"
         self.db.write_text(DB + "".join(f'record(ao, "$(P)pv{i}") {{ field(VAL, "{i}") }}\n'
                                         for i in range(PVS)))
+        try:
+            self._start()
+        except BaseException:
+            self.close()  # what did start, by PID (the lab's teardown would too, later)
+            raise
+
+    def _start(self) -> None:
+        lab = self.lab
         self.pod: Pod = lab.add_pod(0, name="soak-ioc")
         self.ioc = self.start_ioc()
         ip = self.pod.ip
@@ -286,8 +294,10 @@ class _Site:
         """Stop every process this site started, by PID, newest first; drop the Service."""
         for popen in reversed(self.started):
             self.lab.stop(popen)
-        if self.names is not None:
-            self.lab.remove_service(CLUSTER_IP)
+        try:
+            self.lab.remove_service(CLUSTER_IP)  # (nothing if it was never added)
+        except LabError as exc:  # the namespaces go at the lab's teardown, rules with them
+            self.cfg.log(f"soak: removing the name service's rules failed: {exc}")
 
 
 def _gateway_stats(popen: subprocess.Popen[Any], timeout: float = 5.0) -> dict[str, int]:
