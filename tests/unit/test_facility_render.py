@@ -221,3 +221,23 @@ def test_a_bad_cluster_ip_is_refused():
 def test_a_fixed_spec_replaces_a_crash_looping_pod_at_once():
     assert by_kind(render(make_ioc()))["StatefulSet"]["spec"]["podManagementPolicy"] == (
         "Parallel")
+
+
+# ---------------------------------------------------------------- conditions
+
+def test_ready_says_why_the_ioc_is_not_ready_and_how_often_it_restarted():
+    from ioc_operator.controller.reconcile import _not_ready, _restarts
+
+    ioc = make_ioc(health={"startupSeconds": 600})
+    assert _not_ready(ioc, None)[0] == "PodNotReady"
+    assert _not_ready(ioc, {}) == ("PodNotReady", "waiting for the IOC pod to start")
+    reason, message = _not_ready(ioc, {"started": False, "restartCount": 0})
+    assert reason == "Starting" and "600 s" in message
+    crash = {"started": False, "restartCount": 3,
+             "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+             "lastState": {"terminated": {"reason": "Error", "exitCode": 2}}}
+    assert _not_ready(ioc, crash) == (
+        "CrashLoop", "the IOC container keeps exiting; restarted 3 times (last exit: "
+        "Error, code 2)")
+    assert _restarts({"restartCount": 1}) == "; restarted 1 time"
+    assert _not_ready(ioc, {"started": True, "restartCount": 0})[0] == "PodNotReady"

@@ -357,7 +357,7 @@ def _observe(kube: Kube, ioc: IOC, applied: list[dict[str, Any]]) -> Observed:
         observed.node = pod.get("spec", {}).get("nodeName")
         observed.ioc_container = next(
             (c for c in (pod.get("status") or {}).get("containerStatuses") or []
-             if c.get("name") == "ioc"), None)
+             if c.get("name") == "ioc"), {})  # {}: the pod has no container status yet
     if ioc.spec.network.mode == NetworkMode.HOST:
         host_ip = (pod or {}).get("status", {}).get("hostIP")
         node_name = observed.node or ioc.spec.scheduling.node_name
@@ -416,8 +416,9 @@ def _outcome(ioc: IOC, observed: Observed, generation: int | None,
 def _not_ready(ioc: IOC, status: dict[str, Any] | None) -> tuple[str, str]:
     """Why the pod is not ready, from the IOC container's status: starting (its
     startup probe may take spec.health.startupSeconds), or failing its probes."""
-    if status is None:
-        return "PodNotReady", "waiting for the IOC pod to be ready"
+    if not status:
+        return "PodNotReady", ("waiting for the IOC pod" if status is None else
+                               "waiting for the IOC pod to start")
     waiting = (status.get("state") or {}).get("waiting") or {}
     if waiting.get("reason") == "CrashLoopBackOff":
         return "CrashLoop", "the IOC container keeps exiting" + _restarts(status)
