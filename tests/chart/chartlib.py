@@ -112,6 +112,17 @@ class ChartOperator(OperatorProcess):
         super().__init__(kubeconfig, log_path, args=[*args, "--verbose"], env=env,
                          clean_env=True)
 
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """A scrape of the metrics endpoint: (sample name, sorted labels) -> value."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        assert self.metrics_port is not None, "the chart's args have no --metrics-port"
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
     def healthy(self) -> bool:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         url = f"http://127.0.0.1:{self.liveness_port}{self.liveness_path}"

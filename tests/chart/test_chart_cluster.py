@@ -364,6 +364,8 @@ def test_operator_reconciles_with_exactly_the_chart_rbac(chart_plane, admin, ins
     op = operator_as(installed)
     run_scenario(admin, rel)
     assert op.healthy()
+    # the chart's metrics endpoint (here on loopback) counted the scenario's reconciles
+    assert op.metrics()[("ioc_operator_reconciles_total", (("result", "applied"),))] > 0
     op.stop()
 
     log = op.log()
