@@ -21,7 +21,8 @@ FIND_IOC = ("import os, signal\n"
             "for p in filter(str.isdigit, os.listdir('/proc')):\n"
             "    try: cmd = open(f'/proc/{p}/cmdline', 'rb').read()\n"
             "    except OSError: continue\n"
-            "    if b'config_ioc' in cmd: os.kill(int(p), signal.SIGNAL); print(p)\n")
+            "    if b'config_ioc.py' in cmd and int(p) != os.getpid():\n"
+            "        os.kill(int(p), signal.SIGNAL); print(p)\n")
 
 
 def st_cmd(prefix: str, before_init: str = "") -> str:

@@ -13,9 +13,8 @@ from ioc_operator.model.config import OperatorConfig
 from ioc_operator.model.errors import IOCValidationError
 from ioc_operator.model.ioc import CONFIG_TOTAL_MAX
 from ioc_operator.model.validation import check_config
-from ioc_operator.render import names, render
+from ioc_operator.render import names, render, resolve_ports
 from ioc_operator.render.service import service
-from ioc_operator.render import resolve_ports
 
 from iocs import by_kind, make_ioc
 
