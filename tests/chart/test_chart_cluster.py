@@ -59,7 +59,7 @@ IMPLIED: dict[Triple, str] = {
     ("epics-operator.io", "iocs/finalizers", "update"): "cannot set blockOwnerDeletion",
 }
 # What kopf may touch without a namespace, besides what the chart grants cluster-wide.
-CLUSTER_SCOPED = {"nodes", "namespaces", "customresourcedefinitions"}
+CLUSTER_SCOPED = {"nodes", "namespaces", "customresourcedefinitions", "servicecidrs"}
 # A refusal in the operator's log: the API server's RBAC wording, kopf's, or an HTTP 403
 # (urllib3's debug line). Nothing here deletes a namespace, the other source of 403s.
 DENIED = re.compile(r'is forbidden: User "system:serviceaccount:|Not enough permissions'
@@ -250,9 +250,15 @@ def run_scenario(kube: Kube, rel: Release) -> None:
     kube.create(ioc("probe-a", main, network={"mode": "host"}, scheduling={"nodeName": rack2},
                     probe={"pv": "PROBE-A:HEARTBEAT"}))
     kube.create(ioc("pod-b", other))
+    # An IOC mounting a ConfigMap of its namespace: the operator reads it for its hash.
+    kube.create({"apiVersion": "v1", "kind": "ConfigMap",
+                 "metadata": {"name": "cfg-a-files", "namespace": main,
+                              "labels": {"epics-operator.io/config": "true"}},
+                 "data": {"st.cmd": "iocInit()\n"}})
+    kube.create(ioc("cfg-a", main, config={"configMap": "cfg-a-files"}))
 
     done = {n: wait_for(f"{n} reconciled", lambda n=n: settled(kube, main, n, "True"))
-            for n in ("pod-a", "side-a", "host-a")}
+            for n in ("pod-a", "side-a", "host-a", "cfg-a")}
     for name, obj in done.items():
         sts = kube.get("apps/v1", "StatefulSet", main, name)
         assert owned_by(sts, obj), f"StatefulSet {name}"
@@ -320,7 +326,7 @@ def run_scenario(kube: Kube, rel: Release) -> None:
 
     # The last IOC of a namespace gone: its directory goes too, unless it is the name
     # service's constant one, which was never rewritten and stays.
-    for name in ("pod-a", "side-a", "host-a", "host-b", "probe-a"):
+    for name in ("pod-a", "side-a", "host-a", "host-b", "probe-a", "cfg-a"):
         kube.delete(IOC_API, "IOC", main, name)
     kube.delete(IOC_API, "IOC", other, "pod-b")
     wait_for("IOCs gone", lambda: not kube.list(IOC_API, "IOC", main)
@@ -492,7 +498,10 @@ CLUSTER_CAN_I = [
     ("delete", "iocs.epics-operator.io", "beamline", False),
     ("delete", "statefulsets.apps", "beamline", False),
     ("delete", "persistentvolumeclaims", "beamline", False),
-    ("get", "configmaps", "beamline", False),
+    # spec.config.configMap: the operator reads the ConfigMap an IOC mounts (its hash)
+    ("get", "configmaps", "beamline", True),
+    ("get", "servicecidrs.networking.k8s.io", None, True),
+    ("list", "servicecidrs.networking.k8s.io", None, False),
     ("update", "networkpolicies.networking.k8s.io", "beamline", False),
     ("create", "deployments.apps", "beamline", False),
     ("list", "nodes", None, False),

@@ -173,7 +173,7 @@ def test_namespaced_rbac(helm):
     objects = operators(helm.template("epics", "epics-ops", NAMESPACED))
     (cluster_role,) = by_kind(objects, "ClusterRole")
     assert {r for _, r, _ in rule_triples(cluster_role["rules"])} == {
-        "nodes", "namespaces", "customresourcedefinitions"}
+        "nodes", "namespaces", "customresourcedefinitions", "servicecidrs"}
     roles = {(r["metadata"]["namespace"], r["metadata"]["name"]) for r in by_kind(objects, "Role")}
     assert roles == {("bl-12", "epics-ioc-operator"), ("bl-13", "epics-ioc-operator"),
                      ("epics-dir", "epics-ioc-operator-directory")}
