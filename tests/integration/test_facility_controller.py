@@ -127,3 +127,18 @@ def test_inline_files_are_a_configmap_owned_by_the_ioc(kube, operator, namespace
     assert cm["data"] == {"st.cmd": "iocInit()\n"}
     sts = kube.get("apps/v1", "StatefulSet", namespace, "inline")
     assert sts["spec"]["podManagementPolicy"] == "Parallel"
+
+
+def test_kubectl_explain_documents_the_new_fields(control_plane):
+    def explain(field: str) -> str:
+        return " ".join(control_plane.kubectl("explain", f"iocs.{field}").stdout.split())
+
+    assert "/epics/ioc/config" in explain("spec.config")
+    assert "256 KiB in all" in explain("spec.config.files")
+    assert "hung IOC" in explain("spec.health.pv")
+    assert "Default: 60" in explain("spec.health.restartAfterSeconds")
+    assert "SYS_NICE" in explain("spec.securityContext")
+    assert "fsGroup" in explain("spec.podSecurityContext")
+    assert "wait for a device" in explain("spec.initContainers")
+    assert "EPICS ports" in explain("spec.extraContainers")
+    assert "re-created IOC gets the same one" in explain("spec.network.clusterIP")
