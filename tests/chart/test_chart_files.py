@@ -393,6 +393,29 @@ def test_service_monitor_when_enabled(helm):
                        s["metadata"]["labels"])] == ["epics-ioc-operator-metrics"]
 
 
+def test_pod_monitor_selects_the_sidecar_gateways_of_rendered_iocs(helm):
+    from ioc_operator.model.validation import parse_ioc
+    from ioc_operator.render import render
+
+    assert not by_kind(helm.template("epics", "epics-ops", {}), "PodMonitor")
+    objects = helm.template("epics", "epics-ops", {"metrics": {"podMonitor": {
+        "enabled": True, "labels": {"release": "prometheus"}}}})
+    (monitor,) = by_kind(objects, "PodMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    spec = monitor["spec"]
+    assert spec["namespaceSelector"] == {"any": True}
+    ioc = parse_ioc({"metadata": {"name": "gw", "namespace": "bl"}, "spec": {
+        "image": "i", "prefix": "GW:", "network": {"mode": "sidecar"},
+        "servers": {"pva": {"enabled": False}},
+        "gateways": {"ca": {"metricsPort": 9101},
+                     "bridge": {"enabled": True, "metricsPort": 9102}}}})
+    (sts,) = [o for o in render(ioc) if o["kind"] == "StatefulSet"]
+    template = sts["spec"]["template"]
+    assert selects(spec["selector"]["matchLabels"], template["metadata"]["labels"])
+    named = {p["name"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+    assert {e["port"] for e in spec["podMetricsEndpoints"]} <= named
+
+
 def test_metrics_disabled(helm):
     objects = helm.template("ioc-operator", "ioc-system", {"metrics": {"enabled": False}})
     for component in ("operator", "name-server"):

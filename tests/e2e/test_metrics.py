@@ -29,7 +29,11 @@ def scrape(kubectl: Kubectl, client: ClientPod, service: str) -> Samples:
     svc = kubectl.get("service", service, OPERATOR_NS)
     assert svc is not None, f"no Service {service} in {OPERATOR_NS}"
     (port,) = [p for p in svc["spec"]["ports"] if p["name"] == "metrics"]
-    url = f"http://{svc['spec']['clusterIP']}:{port['port']}/metrics"
+    return scrape_url(kubectl, client,
+                      f"http://{svc['spec']['clusterIP']}:{port['port']}/metrics")
+
+
+def scrape_url(kubectl: Kubectl, client: ClientPod, url: str) -> Samples:
     text = kubectl("exec", "-n", client.namespace, client.name, "--", "python", "-c", FETCH,
                    url, timeout=30).stdout
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -68,7 +72,9 @@ def test_a_scrape_shows_the_reconcile_of_an_ioc_the_test_applied(
     timed_before = value(before, "ioc_operator_reconcile_duration_seconds_count")
     sidecars_before = value(before, "ioc_operator_iocs_by_mode", mode="sidecar")
 
-    apply_ready(kubectl, NAMESPACE, [ioc("met-sidecar", "METSIDECAR:", "sidecar")])
+    sidecar = ioc("met-sidecar", "METSIDECAR:", "sidecar")
+    sidecar["spec"]["gateways"] = {"ca": {"metricsPort": 9101}}
+    apply_ready(kubectl, NAMESPACE, [sidecar])
     after = scrape_until(kubectl, client, "the new IOC in the operator's metrics",
                          "ioc_operator_iocs_by_mode", sidecars_before, mode="sidecar")
     assert value(after, "ioc_operator_reconciles_total", result="applied") > applied_before
@@ -95,3 +101,14 @@ def test_a_scrape_shows_the_reconcile_of_an_ioc_the_test_applied(
     assert value(names, "ioc_name_server_iocs") >= 2
     assert ("ioc_name_server_searches_total", (("protocol", "pva"), ("transport", "tcp"))) \
         in names
+
+    # the sidecar CA gateway's own metrics, on the pod port the IOC asked for: the
+    # client's CA read went through it
+    assert client.run("pyepics", "get", ["METSIDECAR:value"])["ok"]
+    pod_ip = kubectl.get("pod", "met-sidecar-0", NAMESPACE)["status"]["podIP"]
+    gateway = scrape_url(kubectl, client, f"http://{pod_ip}:9101/metrics")
+    searches = sum(v for (n, _), v in gateway.items() if n == "ioc_ca_gateway_searches_total")
+    assert searches >= 1, gateway
+    assert value(gateway, "ioc_ca_gateway_upstream_channels") >= 1, gateway
+    print(f"sidecar CA gateway metrics: searches {searches:.0f}, upstream channels "
+          f"{value(gateway, 'ioc_ca_gateway_upstream_channels'):.0f}")

@@ -240,3 +240,50 @@ def test_ready_says_why_the_ioc_is_not_ready_and_how_often_it_restarted():
         "Error, code 2)")
     assert _restarts({"restartCount": 1}) == "; restarted 1 time"
     assert _not_ready(ioc, {"started": True, "restartCount": 0})[0] == "PodNotReady"
+
+
+# ---------------------------------------------------------------- sidecar metrics
+
+def test_sidecar_gateways_serve_metrics_on_a_named_port_when_asked():
+    spec = {"network": {"mode": "sidecar"}, "servers": {"pva": {"enabled": False}},
+            "gateways": {"ca": {"metricsPort": 9101},
+                         "bridge": {"enabled": True, "metricsPort": 9102}}}
+    containers = {c["name"]: c for c in pod_of(render(make_ioc(**spec)))["spec"]["containers"]}
+    cagw, bridge = containers["cagw"], containers["bridge"]
+    assert cagw["args"][-2:] == ["-metrics_port", "9101"]
+    assert {"name": "cagw-metrics", "containerPort": 9101, "protocol": "TCP"} in cagw["ports"]
+    assert bridge["args"][-2:] == ["--metrics-port", "9102"]
+    assert {"name": "bridge-metrics", "containerPort": 9102, "protocol": "TCP"} in (
+        bridge["ports"])
+    plain = {c["name"]: c for c in pod_of(render(make_ioc(network={"mode": "sidecar"})))[
+        "spec"]["containers"]}
+    assert "-metrics_port" not in plain["cagw"]["args"]
+
+
+@pytest.mark.parametrize("gateways, field, words", [
+    ({"ca": {"metricsPort": 5064}}, "spec.gateways.ca.metricsPort", "EPICS port"),
+    ({"ca": {"metricsPort": 9101}, "bridge": {"enabled": True, "metricsPort": 9101}},
+     "spec.gateways.bridge.metricsPort", "spec.gateways.ca.metricsPort"),
+    ({"ca": {"implementation": "ca-gateway", "image": "gw", "metricsPort": 9101}},
+     "spec.gateways.ca.metricsPort", "only for implementation: builtin"),
+])
+def test_bad_sidecar_metrics_ports_are_refused(gateways, field, words):
+    with pytest.raises(IOCValidationError) as err:
+        make_ioc(network={"mode": "sidecar"}, servers={"pva": {"enabled": False}},
+                 gateways=gateways)
+    assert err.value.field == field and words in str(err.value)
+
+
+def test_extra_containers_stay_off_the_sidecar_metrics_port():
+    with pytest.raises(IOCValidationError) as err:
+        make_ioc(network={"mode": "sidecar"}, gateways={"ca": {"metricsPort": 9101}},
+                 extraContainers=[{"name": "x", "image": "x",
+                                   "ports": [{"containerPort": 9101}]}])
+    assert "CA gateway metrics" in str(err.value)
+
+
+def test_the_network_policy_admits_the_sidecar_metrics_ports():
+    ioc = make_ioc(network={"mode": "sidecar", "allowedNamespaces": ["monitoring"]},
+                   gateways={"ca": {"metricsPort": 9101}})
+    policy = by_kind(render(ioc))["NetworkPolicy"]
+    assert {"protocol": "TCP", "port": 9101} in policy["spec"]["ingress"][0]["ports"]

@@ -330,6 +330,9 @@ class CAGateway(Model):
     )
     read_only: StrictBool = Field(default=False, description=(
         "Refuse CA puts through the gateway. Default: false."))
+    metrics_port: PORT | None = Field(default=None, description=(
+        "builtin only: serve Prometheus metrics (searches, channels, updates relayed) on "
+        "this pod port, as a container port named cagw-metrics. Default: none."))
     internal_port: PORT = Field(default=15064, description=(
         "Loopback TCP and UDP port the IOC's CA server is moved to. Default: 15064."))
     pvlist: str | None = Field(
@@ -371,6 +374,9 @@ class CAPVABridge(Model):
         "Bridge image. Default: the operator's gateway image (IOC_OPERATOR_GATEWAY_IMAGE)."))
     read_only: StrictBool = Field(default=False, description=(
         "Refuse PVA puts through the bridge. Default: false."))
+    metrics_port: PORT | None = Field(default=None, description=(
+        "Serve Prometheus metrics (searches, channels, updates relayed) on this pod port, "
+        "as a container port named bridge-metrics. Default: none."))
     resources: Resources = Field(default_factory=Resources, description=(
         "The bridge container's resources. Default: none."))
 

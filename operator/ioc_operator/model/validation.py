@@ -78,7 +78,7 @@ def _check_containers(spec: IOCSpec) -> None:
     """Init and extra containers: Kubernetes validates the rest at the dry run; these
     are what it cannot know (the operator's names and ports)."""
     seen: set[str] = set()
-    taken = epics_ports(spec)
+    taken = {**epics_ports(spec), **metrics_ports(spec)}
     for field, containers in (("initContainers", spec.init_containers),
                               ("extraContainers", spec.extra_containers)):
         for i, container in enumerate(containers):
@@ -131,6 +131,16 @@ def epics_ports(spec: IOCSpec) -> dict[int, str]:
     return out
 
 
+def metrics_ports(spec: IOCSpec) -> dict[int, str]:
+    """The sidecars' metrics ports, which containers beside them may not take either."""
+    out: dict[int, str] = {}
+    if spec.runs_ca_gateway and spec.ca_gateway.metrics_port:
+        out[spec.ca_gateway.metrics_port] = "CA gateway metrics"
+    if spec.runs_bridge and spec.bridge.metrics_port:
+        out[spec.bridge.metrics_port] = "bridge metrics"
+    return out
+
+
 def _check_sidecars(spec: IOCSpec) -> None:
     if not (spec.runs_pvagw or spec.runs_ca_gateway or spec.runs_bridge):
         raise IOCValidationError(
@@ -159,6 +169,20 @@ def _check_sidecars(spec: IOCSpec) -> None:
         raise IOCValidationError(
             f"spec.gateways.ca.{field}",
             "only for implementation: ca-gateway (the builtin gateway has readOnly and pvlist)")
+    if ca.implementation == CAGatewayImplementation.CA_GATEWAY and ca.metrics_port:
+        raise IOCValidationError(
+            "spec.gateways.ca.metricsPort",
+            "only for implementation: builtin (EPICS' ca-gateway serves no Prometheus "
+            "metrics)")
+    taken = {p: "an EPICS port of the pod" for p in epics_ports(spec)}
+    for field, port in (("ca.metricsPort", ca.metrics_port if spec.runs_ca_gateway else None),
+                        ("bridge.metricsPort",
+                         spec.bridge.metrics_port if spec.runs_bridge else None)):
+        if port is None:
+            continue
+        if port in taken:
+            raise IOCValidationError(f"spec.gateways.{field}", f"{port} is {taken[port]}")
+        taken[port] = f"spec.gateways.{field}"
     if ca.access is not None and ca.read_only:
         raise IOCValidationError(
             "spec.gateways.ca.readOnly", "set readOnly or an access file, not both")

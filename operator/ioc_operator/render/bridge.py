@@ -30,13 +30,16 @@ def container(ioc: IOC, ports: ResolvedPorts, config: OperatorConfig) -> dict[st
             "--prefix", ioc.spec.prefix]
     if bridge.read_only:
         args.append("--read-only")
+    if bridge.metrics_port:
+        args += ["--metrics-port", str(bridge.metrics_port)]
     out: dict[str, Any] = {
         "name": "bridge",
         "image": bridge.image or config.gateway_image,
         "command": ["ioc-ca-pva-bridge"],
         "args": args,
         "env": [sidecars.POD_IP_ENV],
-        "ports": sidecars.ports("pva", ports.pva_server, ports.pva_broadcast),
+        "ports": sidecars.ports("pva", ports.pva_server, ports.pva_broadcast)
+        + sidecars.metrics_port("bridge-metrics", bridge.metrics_port),
         **sidecars.probes(ports.pva_server),
         "securityContext": copy.deepcopy(sidecars.SECURITY_CONTEXT),
     }

@@ -61,6 +61,8 @@ def args(ioc: IOC, ports: ResolvedPorts) -> list[str]:
         out += ["-home", HOME_DIR]  # it writes helper scripts there; the root fs is read-only
     elif gw.read_only:
         out.append("-ro")
+    if gw.metrics_port and gw.implementation == CAGatewayImplementation.BUILTIN:
+        out += ["-metrics_port", str(gw.metrics_port)]
     return out
 
 
@@ -83,7 +85,8 @@ def container(ioc: IOC, ports: ResolvedPorts, config: OperatorConfig) -> dict[st
         "command": list(gw.command or ["gateway"]) if cpp else ["ioc-ca-gateway"],
         "args": args(ioc, ports),
         "env": [sidecars.POD_IP_ENV],
-        "ports": sidecars.ports("ca", ports.ca, ports.ca),
+        "ports": sidecars.ports("ca", ports.ca, ports.ca) + sidecars.metrics_port(
+            "cagw-metrics", gw.metrics_port if not cpp else None),
         **sidecars.probes(ports.ca),
         "securityContext": copy.deepcopy(sidecars.SECURITY_CONTEXT),
     }

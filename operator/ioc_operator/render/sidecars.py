@@ -42,3 +42,8 @@ def ports(prefix: str, tcp: int, udp: int) -> list[dict[str, Any]]:
         {"name": f"{prefix}-tcp", "containerPort": tcp, "protocol": "TCP"},
         {"name": f"{prefix}-udp", "containerPort": udp, "protocol": "UDP"},
     ]
+
+
+def metrics_port(name: str, port: int | None) -> list[dict[str, Any]]:
+    """A sidecar's Prometheus port, named for a PodMonitor; none when unset."""
+    return [{"name": name, "containerPort": port, "protocol": "TCP"}] if port else []
