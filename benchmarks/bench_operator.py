@@ -116,7 +116,7 @@ def baseline_source(rev: str, workdir: Path) -> Path:
     """The operator package of git revision `rev`, unpacked; its path for PYTHONPATH."""
     out = workdir / f"baseline-{rev}"
     out.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "operator"],
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "operator", "crds"],
                              check=True, capture_output=True, timeout=60).stdout
     subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True, timeout=60)
     return out / "operator"
@@ -231,6 +231,10 @@ def bench(n_latency: int, n_scale: int, workdir: Path, traced: bool = False,
             limit = api_limit(kube, n_latency + n_scale)
             results = {}
             for label, pythonpath in versions:
+                # Each operator under its own CRD: the API server fills in the defaults
+                # of fields an older model does not know, which it would refuse.
+                crds = (pythonpath.parent if pythonpath else ROOT) / "crds"
+                plane.apply_crds(sorted(crds.glob("*.yaml")))
                 results[label] = _bench(plane, kube, label, pythonpath, n_latency, n_scale,
                                         workdir, operators, traced, name_service)
             return limit, results
