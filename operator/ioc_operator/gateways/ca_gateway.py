@@ -67,7 +67,7 @@ class GatewayConfig:
     max_circuits: int = 1024  # client TCP circuits; one client host a quarter of them
     max_channels: int = 200_000  # client channels, all circuits together
     max_subscriptions: int = 200_000  # client subscriptions, all circuits together
-    max_lookups: int = 5_000  # names being looked up on the IOC at once
+    max_lookups: int = 20_000  # names being looked up on the IOC at once
     max_message_bytes: int = 16 * 1024 * 1024  # largest request from a client (a put)
     metrics_port: int = 0  # Prometheus metrics on this TCP port (0: none)
 

@@ -306,18 +306,23 @@ def pva_search(args: argparse.Namespace) -> dict[str, Any]:
     _pva_validate(sock)
     tag = os.urandom(3).hex()
     messages = 0
-    for start in range(0, args.count, 65535):
-        names = [(i, f"{args.pv}{tag}:{i}") for i in range(start, min(args.count,
-                                                                        start + 65535))]
-        sock.sendall(pva.encode_search(messages, names, 0, big_endian=False))
-        messages += 1
-    for b in range(256):  # names with every byte value, one message each
-        sock.sendall(_raw_name_search(b"X:" + bytes([b]) + b"y", 1000 + b))
+    closed = False
+    try:
+        for start in range(0, args.count, 65535):
+            names = [(i, f"{args.pv}{tag}:{i}") for i in range(start, min(args.count,
+                                                                            start + 65535))]
+            sock.sendall(pva.encode_search(messages, names, 0, big_endian=False))
+            messages += 1
+        for b in range(256):  # names with every byte value, one message each
+            sock.sendall(_raw_name_search(b"X:" + bytes([b]) + b"y", 1000 + b))
+    except (ConnectionResetError, BrokenPipeError):
+        # The server dropped a client that sends without reading its answers: its
+        # defence, reported as such.
+        closed = True
     sock.settimeout(0.5)
     received = 0
-    closed = False
     deadline = time.monotonic() + args.seconds
-    while time.monotonic() < deadline:
+    while not closed and time.monotonic() < deadline:
         try:
             data = sock.recv(65536)
         except TimeoutError:
