@@ -175,15 +175,21 @@ def feed_main(n_names: int, answers: int) -> None:
     print(json.dumps(asyncio.run(main())), flush=True)
 
 
+def baseline_tree(rev: str, tmp: str) -> Path:
+    """The operator package of git revision `rev`, unpacked under `tmp` (once)."""
+    tree = Path(tmp) / "baseline"
+    if not tree.exists():
+        tree.mkdir()
+        archive = subprocess.run(["git", "archive", rev, "operator"], cwd=ROOT,
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree / "operator"
+
+
 def in_process(args: argparse.Namespace, tmp: str) -> None:
     trees: dict[str, Path | None] = {"this commit": None}
     if args.baseline:
-        tree = Path(tmp) / "baseline"
-        tree.mkdir()
-        archive = subprocess.run(["git", "archive", args.baseline, "operator"], cwd=ROOT,
-                                 capture_output=True, check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-        trees = {args.baseline[:10]: tree / "operator", **trees}
+        trees = {args.baseline[:10]: baseline_tree(args.baseline, tmp), **trees}
     runs: dict[str, list[dict[str, float]]] = {label: [] for label in trees}
     for r in range(args.rounds):
         for label, package in (trees.items() if r % 2 == 0 else reversed(trees.items())):
@@ -313,13 +319,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         servers = [Server("metrics off", False, names_file, cpu=server_cpu),
                    Server("metrics on", True, names_file, cpu=server_cpu)]
         if args.baseline:
-            tree = Path(tmp) / "baseline"
-            tree.mkdir()
-            archive = subprocess.run(["git", "archive", args.baseline, "operator"], cwd=ROOT,
-                                     capture_output=True, check=True).stdout
-            subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
             servers.insert(0, Server(f"{args.baseline[:10]}", False, names_file,
-                                     tree / "operator", cpu=server_cpu))
+                                     baseline_tree(args.baseline, tmp), cpu=server_cpu))
         on = servers[-1]
         scraper = Scraper(f"http://{HOST}:{on.ports['metrics']}/metrics", args.scrape_interval)
         scraper.start()
