@@ -23,9 +23,11 @@ import collections
 import os
 import platform
 import re
+import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -199,6 +201,38 @@ def _memory_profile(op: OperatorProcess, workdir: Path) -> Path:
     return out
 
 
+def _py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling `pid` (all threads, without pausing it) until SIGINT."""
+    exe = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
+    return subprocess.Popen([exe, "record", "--pid", str(pid), "--threads", "--nonblocking",
+                             "--rate", "100", "--format", "raw", "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def cpu_profile(collapsed: Path, top: int = 25) -> str:
+    """The functions with the most samples in py-spy's collapsed stacks: inclusive (on
+    the stack) and self (innermost), in % of the samples of threads doing work."""
+    inclusive: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if not count.isdigit() or len(frames) < 2:
+            continue
+        n = int(count)
+        total += n
+        # frames: "process", "thread", then "function (file:line)" outermost first
+        for fn in {re.sub(r":\d+\)$", ")", f) for f in frames[2:]}:
+            inclusive[fn] += n
+        own[re.sub(r":\d+\)$", ")", frames[-1])] += n
+    lines = [f"# {total} samples; inclusive (on the stack):"]
+    lines += [f"{n / total * 100:6.1f} %  {fn}" for fn, n in inclusive.most_common(top)]
+    lines.append("# self (innermost frame):")
+    lines += [f"{n / total * 100:6.1f} %  {fn}" for fn, n in own.most_common(top)]
+    return "\n".join(lines)
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -208,8 +242,8 @@ Figures = dict[str, tuple[str, str]]  # figure -> (value, conditions)
 
 
 def bench(n_latency: int, n_scale: int, workdir: Path, traced: bool = False,
-          name_service: str | None = None,
-          baseline: str | None = None) -> tuple[Figures, dict[str, Figures]]:
+          name_service: str | None = None, baseline: str | None = None,
+          spy: bool = False) -> tuple[Figures, dict[str, Figures]]:
     """The API server's limit, and the figures of each operator measured (`baseline`
     first, when given, then the installed one)."""
     operators: list[OperatorProcess] = []
@@ -236,7 +270,7 @@ def bench(n_latency: int, n_scale: int, workdir: Path, traced: bool = False,
                 crds = (pythonpath.parent if pythonpath else ROOT) / "crds"
                 plane.apply_crds(sorted(crds.glob("*.yaml")))
                 results[label] = _bench(plane, kube, label, pythonpath, n_latency, n_scale,
-                                        workdir, operators, traced, name_service)
+                                        workdir, operators, traced, name_service, spy)
             return limit, results
     finally:
         for op in operators:  # also when a wait times out
@@ -280,7 +314,7 @@ def api_limit(kube: Kube, total: int) -> Figures:
 def _bench(plane: ControlPlane, kube: Kube, label: str, pythonpath: Path | None,
            n_latency: int, n_scale: int, workdir: Path,
            operators: list[OperatorProcess], traced: bool,
-           name_service: str | None) -> Figures:
+           name_service: str | None, spy: bool = False) -> Figures:
     figures: Figures = {}
     ns = f"{NS}-{label}"
     kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
@@ -312,7 +346,14 @@ def _bench(plane: ControlPlane, kube: Kube, label: str, pythonpath: Path | None,
     op = start_operator(plane.kubeconfig, workdir / f"operator-cold-{label}.log", ns,
                         traced, name_service, pythonpath)
     operators.append(op)
+    assert op.proc is not None
+    sampler = _py_spy(op.proc.pid, workdir / f"cold-{label}.collapsed") if spy else None
     cold = watcher.until(_reconciled, total, 900, "cold start") - start
+    if sampler is not None:
+        sampler.send_signal(signal.SIGINT)
+        sampler.wait(60)
+        print(f"{label}: where the operator's CPU went in the cold start (py-spy):")
+        print(cpu_profile(workdir / f"cold-{label}.collapsed"))
     figures["cold start"] = (f"{cold:.1f} s", f"{total} IOCs present; target: within 2x "
                              "of the API server limit")
     cpu_cold = op.cpu_seconds()
@@ -474,15 +515,18 @@ def main() -> None:
     p.add_argument("--profile-memory", action="store_true",
                    help="run the cold start under tracemalloc and print the allocation "
                    "sites (slower: figures not written)")
+    p.add_argument("--profile-cpu", action="store_true",
+                   help="sample the operator with py-spy during the cold start and print "
+                   "where its time went (sampling costs it some CPU: figures not written)")
     args = p.parse_args()
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"ioc-bench-{os.getpid()}"
     workdir.mkdir(parents=True, exist_ok=True)
     limit, results = bench(args.latency, args.scale, workdir, args.profile_memory,
-                           args.name_service, args.baseline)
+                           args.name_service, args.baseline, args.profile_cpu)
     rows = table(limit, results, args.baseline)
     print("\n".join(rows))
     print(f"operator logs: {workdir}")
-    if not (args.no_write or args.profile_memory):
+    if not (args.no_write or args.profile_memory or args.profile_cpu):
         write_doc(rows, args)
 
 
