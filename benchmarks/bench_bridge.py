@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,8 @@ from typing import Any
 from ioc_testbed.bridge_lab import pva_env, start_bridge, start_ioc
 from ioc_testbed.lab import Lab, LabError, Pod
 from ioc_testbed.lab.netns import listening_ports
+
+from .profiling import py_spy
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "ca-pva-bridge.md"
@@ -291,16 +292,6 @@ def bench_kind(lab: Lab, kind: str, gets: int, seconds: float, repeat: int, *,
     return rows
 
 
-def _py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
-    """py-spy recording ``pid`` (all threads, native frames) for ``seconds``."""
-    exe = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([exe, "record", "--pid", str(pid), "--threads", "--native",
-                             "--rate", "200", "--duration", str(max(1, round(seconds))),
-                             "--format", "speedscope", "--output", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-
-
 def _monitor_row(lab: Lab, name: str, where: Pod, lib: str, env: dict[str, str],
                  bridge_pid: int, seconds: float, repeat: int,
                  profile: Path | None = None) -> tuple[str, str, str]:
@@ -309,7 +300,8 @@ def _monitor_row(lab: Lab, name: str, where: Pod, lib: str, env: dict[str, str],
         spy = None
         if profile is not None:  # from the ramp-up on; py-spy stops by itself
             slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-            spy = _py_spy(bridge_pid, seconds + 2, profile / f"{slug}-{run}.speedscope.json")
+            spy = py_spy(bridge_pid, profile / f"{slug}-{run}.speedscope.json", "speedscope",
+                         seconds + 2, rate=200, native=True)
         with CpuSampler(bridge_pid) as cpu:
             res = measure(lab, where, env, {"lib": lib, "op": "monitor", "pv": PREFIX + "fast",
                                             "go": PREFIX + "go", "seconds": seconds})

@@ -23,11 +23,9 @@ import collections
 import os
 import platform
 import re
-import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +46,8 @@ from ioc_operator.render import render
 from ioc_testbed.controlplane import ControlPlane, ensure_binaries
 from ioc_testbed.operator_process import OperatorProcess
 from ioc_testbed.waiting import wait_for
+
+from .profiling import py_spy, top_functions
 
 ROOT = Path(__file__).resolve().parents[1]
 IOC_API = "epics-operator.io/v1alpha1"
@@ -201,38 +201,6 @@ def _memory_profile(op: OperatorProcess, workdir: Path) -> Path:
     return out
 
 
-def _py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
-    """py-spy sampling `pid` (all threads, without pausing it) until SIGINT."""
-    exe = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
-    return subprocess.Popen([exe, "record", "--pid", str(pid), "--threads", "--nonblocking",
-                             "--rate", "100", "--format", "raw", "--output", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-
-
-def cpu_profile(collapsed: Path, top: int = 25) -> str:
-    """The functions with the most samples in py-spy's collapsed stacks: inclusive (on
-    the stack) and self (innermost), in % of the samples of threads doing work."""
-    inclusive: collections.Counter[str] = collections.Counter()
-    own: collections.Counter[str] = collections.Counter()
-    total = 0
-    for line in collapsed.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        frames = stack.split(";")
-        if not count.isdigit() or len(frames) < 2:
-            continue
-        n = int(count)
-        total += n
-        # frames: "process", "thread", then "function (file:line)" outermost first
-        for fn in {re.sub(r":\d+\)$", ")", f) for f in frames[2:]}:
-            inclusive[fn] += n
-        own[re.sub(r":\d+\)$", ")", frames[-1])] += n
-    lines = [f"# {total} samples; inclusive (on the stack):"]
-    lines += [f"{n / total * 100:6.1f} %  {fn}" for fn, n in inclusive.most_common(top)]
-    lines.append("# self (innermost frame):")
-    lines += [f"{n / total * 100:6.1f} %  {fn}" for fn, n in own.most_common(top)]
-    return "\n".join(lines)
-
-
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -347,13 +315,14 @@ def _bench(plane: ControlPlane, kube: Kube, label: str, pythonpath: Path | None,
                         traced, name_service, pythonpath)
     operators.append(op)
     assert op.proc is not None
-    sampler = _py_spy(op.proc.pid, workdir / f"cold-{label}.collapsed") if spy else None
+    collapsed = workdir / f"cold-{label}.collapsed"
+    sampler = py_spy(op.proc.pid, collapsed, "raw", nonblocking=True) if spy else None
     cold = watcher.until(_reconciled, total, 900, "cold start") - start
     if sampler is not None:
         sampler.send_signal(signal.SIGINT)
         sampler.wait(60)
         print(f"{label}: where the operator's CPU went in the cold start (py-spy):")
-        print(cpu_profile(workdir / f"cold-{label}.collapsed"))
+        print(top_functions(collapsed.read_text()))
     figures["cold start"] = (f"{cold:.1f} s", f"{total} IOCs present; target: within 2x "
                              "of the API server limit")
     cpu_cold = op.cpu_seconds()
